@@ -1,1 +1,16 @@
-//! virtio-milk
+//! virtio-milk: the host side of MiLK's scheduling channel.
+//!
+//! Data flows one way round: guest event -> event queue -> [`queue`] engine -> [`runtime`]
+//! -> [`policy::Policy`] -> decision queue -> guest dispatch -> ACK on the event queue.
+//!
+//! - [`protocol`]: wire records, device ID, features, config space (mirrors
+//!   `include/virtio_milk.h`).
+//! - [`queue`]: device-side virtqueue engine (pop/validate events, push decisions,
+//!   EVENT_IDX, interrupts), transport agnostic.
+//! - [`runtime`]: task table, seq tracking, polling loop, policy hosting and swap.
+//! - [`policy`]: the `Policy` trait and the data a policy sees.
+//! - [`metrics`]: counters and the event -> decision latency histogram.
+//! - [`loopback`]: a driver-side split vring playing the guest on shared memory, used by tests
+//!   and by the benchmark crate ([`loopback::run_loopback`]).
+
+pub mod protocol;
