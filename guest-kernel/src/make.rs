@@ -58,7 +58,7 @@ impl Progress {
                     secs % 60,
                     shown
                 );
-            } else if self.steps % 500 == 0 {
+            } else if self.steps.is_multiple_of(500) {
                 eprintln!(
                     "[{}] {} steps, {}m{:02}s: {}",
                     self.label,
