@@ -13,4 +13,8 @@
 //! - [`loopback`]: a driver-side split vring playing the guest on shared memory, used by tests
 //!   and by the benchmark crate ([`loopback::run_loopback`]).
 
+pub mod metrics;
+pub mod policy;
 pub mod protocol;
+pub mod queue;
+pub mod runtime;

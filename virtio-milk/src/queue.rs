@@ -1,0 +1,600 @@
+//! Device-side virtqueue engine for virtio-milk.
+//!
+//! Holds one event queue and one decision queue per guest CPU (split virtqueues from
+//! `virtio-queue`) over any `vm-memory` guest memory. It pops event chains, copies their
+//! bytes out of guest memory, validates them strictly and hands decoded [`Message`]s to the
+//! caller; it writes decisions into buffers the guest pre-posted on the decision queues.
+//!
+//! Transport agnostic: the transport (virtio-mmio in milk-vmm, ivshmem for QEMU, shared
+//! memory in the loopback harness) supplies each queue's addresses and size, an [`EventFd`]
+//! that becomes readable on every driver kick (several queues may share it), and an
+//! [`Interrupt`] to signal used buffers.
+//!
+//! Nothing the guest writes can panic this code or make it access memory outside what
+//! `vm-memory` checks: every guest-controlled length is bounded before use, every memory
+//! access goes through `Bytes` and returns an error instead of faulting, and malformed
+//! input is counted in [`EngineStats`] and dropped.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::protocol::{
+    decision_queue_index, event_queue_index, parse_record, Direction, Message, ProtoError,
+    MAX_BATCH, MAX_CPUS, RECORD_SIZE,
+};
+
+/// Where the driver placed one split virtqueue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Queue size (power of two, <= `max_size`).
+    pub size: u16,
+    /// Guest address of the descriptor table.
+    pub desc_table: u64,
+    /// Guest address of the available ring.
+    pub avail_ring: u64,
+    /// Guest address of the used ring.
+    pub used_ring: u64,
+}
+
+/// How the engine signals the driver that a queue has used buffers (irqfd, MSI-X, ...).
+pub trait Interrupt: Send {
+    /// Signal used buffers on queue `queue_index`.
+    fn signal(&self, queue_index: u16) -> io::Result<()>;
+}
+
+impl<F: Fn(u16) -> io::Result<()> + Send> Interrupt for F {
+    fn signal(&self, queue_index: u16) -> io::Result<()> {
+        self(queue_index)
+    }
+}
+
+/// An [`Interrupt`] that writes one eventfd for every queue (e.g. a KVM irqfd).
+pub struct EventFdInterrupt(pub EventFd);
+
+impl Interrupt for EventFdInterrupt {
+    fn signal(&self, _queue_index: u16) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Engine setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// CPU count is zero or above the protocol limit.
+    #[error("unsupported cpu count {0}")]
+    CpuCount(u32),
+    /// Wrong number of queue configs.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// 2 * num_cpus.
+        expected: usize,
+        /// Given.
+        got: usize,
+    },
+    /// A queue's size or addresses are invalid for this memory.
+    #[error("queue {0} configuration is invalid")]
+    InvalidQueue(u16),
+    /// Waiting on the kick eventfd failed.
+    #[error("kick wait failed: {0}")]
+    Kick(io::Error),
+}
+
+/// Why a chain or record was dropped. Indexes [`EngineStats::malformed`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum Malformed {
+    /// The available ring index moved by more than the queue size.
+    AvailIndex = 0,
+    /// Chain ends in a descriptor that claims a successor that cannot be read.
+    BrokenChain,
+    /// Event chain contains a device-writable descriptor.
+    WritableInEventChain,
+    /// Decision chain contains a device-readable descriptor.
+    ReadableInDecisionChain,
+    /// Event chain longer than `max_batch` records.
+    TooLong,
+    /// Event chain empty or not a whole number of records.
+    BadChainLength,
+    /// A descriptor points outside guest memory.
+    BadAddress,
+    /// Decision buffer smaller than one record.
+    DecisionBufferTooSmall,
+    /// The chain head index is out of range (cannot be returned).
+    BadHead,
+    /// Record header length wrong.
+    RecordLength,
+    /// Record version wrong.
+    RecordVersion,
+    /// Record type unknown or wrong direction.
+    RecordType,
+    /// Anything else wrong inside a record (cpu, pid, mask, status, flags).
+    RecordField,
+}
+
+impl Malformed {
+    /// Number of reasons.
+    pub const COUNT: usize = 13;
+    /// All reasons by index.
+    pub const ALL: [Malformed; Self::COUNT] = [
+        Malformed::AvailIndex,
+        Malformed::BrokenChain,
+        Malformed::WritableInEventChain,
+        Malformed::ReadableInDecisionChain,
+        Malformed::TooLong,
+        Malformed::BadChainLength,
+        Malformed::BadAddress,
+        Malformed::DecisionBufferTooSmall,
+        Malformed::BadHead,
+        Malformed::RecordLength,
+        Malformed::RecordVersion,
+        Malformed::RecordType,
+        Malformed::RecordField,
+    ];
+
+    /// Short name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Malformed::AvailIndex => "avail_index",
+            Malformed::BrokenChain => "broken_chain",
+            Malformed::WritableInEventChain => "writable_in_event_chain",
+            Malformed::ReadableInDecisionChain => "readable_in_decision_chain",
+            Malformed::TooLong => "too_long",
+            Malformed::BadChainLength => "bad_chain_length",
+            Malformed::BadAddress => "bad_address",
+            Malformed::DecisionBufferTooSmall => "decision_buffer_too_small",
+            Malformed::BadHead => "bad_head",
+            Malformed::RecordLength => "record_length",
+            Malformed::RecordVersion => "record_version",
+            Malformed::RecordType => "record_type",
+            Malformed::RecordField => "record_field",
+        }
+    }
+
+    fn from_proto(e: ProtoError) -> Self {
+        match e {
+            ProtoError::BadLength(_) => Malformed::RecordLength,
+            ProtoError::BadVersion(_) => Malformed::RecordVersion,
+            ProtoError::BadType(_) => Malformed::RecordType,
+            _ => Malformed::RecordField,
+        }
+    }
+}
+
+/// Engine counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Event chains consumed (valid or not).
+    pub event_chains: u64,
+    /// Valid records delivered to the caller.
+    pub records_in: u64,
+    /// Decision records written to the guest.
+    pub records_out: u64,
+    /// Decision buffers used.
+    pub decision_chains: u64,
+    /// Dropped input by reason.
+    pub malformed: [u64; Malformed::COUNT],
+    /// Times a decision could not be written because the guest had posted no buffer.
+    pub decision_queue_empty: u64,
+    /// Decisions dropped because a CPU's backlog was full.
+    pub backlog_overflow: u64,
+    /// Interrupts signalled.
+    pub interrupts: u64,
+    /// Interrupts suppressed by EVENT_IDX.
+    pub interrupts_suppressed: u64,
+    /// Interrupt callbacks that returned an error.
+    pub interrupt_errors: u64,
+}
+
+impl EngineStats {
+    /// Total malformed count.
+    pub fn malformed_total(&self) -> u64 {
+        self.malformed.iter().sum()
+    }
+}
+
+/// Engine parameters.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineConfig {
+    /// Guest CPUs (queue pairs).
+    pub num_cpus: u32,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// Records per buffer accepted/written (<= [`MAX_BATCH`]).
+    pub max_batch: usize,
+    /// Decisions buffered per CPU while the guest has no decision buffer posted.
+    pub backlog_limit: usize,
+    /// Largest queue size the device offers.
+    pub max_queue_size: u16,
+}
+
+impl EngineConfig {
+    /// Defaults for `num_cpus` CPUs.
+    pub fn new(num_cpus: u32) -> Self {
+        EngineConfig {
+            num_cpus,
+            event_idx: true,
+            max_batch: MAX_BATCH,
+            backlog_limit: 4096,
+            max_queue_size: 1024,
+        }
+    }
+}
+
+/// The device-side queue engine. See the module documentation.
+pub struct QueueEngine<M: GuestMemory> {
+    mem: M,
+    cfg: EngineConfig,
+    events: Vec<Queue>,
+    decisions: Vec<Queue>,
+    backlog: Vec<VecDeque<[u8; RECORD_SIZE]>>,
+    kick: EventFd,
+    irq: Box<dyn Interrupt>,
+    stats: EngineStats,
+    buf: Vec<u8>,
+}
+
+impl<M: GuestMemory> QueueEngine<M> {
+    /// Activate the engine on queues the driver configured. `queues[i]` is queue index `i`
+    /// (event queue of CPU `i/2` for even `i`, decision queue for odd `i`).
+    pub fn new(
+        mem: M,
+        cfg: EngineConfig,
+        queues: &[QueueConfig],
+        kick: EventFd,
+        irq: Box<dyn Interrupt>,
+    ) -> Result<Self, EngineError> {
+        if cfg.num_cpus == 0 || cfg.num_cpus > MAX_CPUS {
+            return Err(EngineError::CpuCount(cfg.num_cpus));
+        }
+        let expected = cfg.num_cpus as usize * 2;
+        if queues.len() != expected {
+            return Err(EngineError::QueueCount {
+                expected,
+                got: queues.len(),
+            });
+        }
+        let mut events = Vec::new();
+        let mut decisions = Vec::new();
+        for (i, qc) in queues.iter().enumerate() {
+            let idx = i as u16;
+            let bad = || EngineError::InvalidQueue(idx);
+            let mut q = Queue::new(cfg.max_queue_size).map_err(|_| bad())?;
+            q.try_set_size(qc.size).map_err(|_| bad())?;
+            q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc_table))
+                .map_err(|_| bad())?;
+            q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail_ring))
+                .map_err(|_| bad())?;
+            q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used_ring))
+                .map_err(|_| bad())?;
+            q.set_event_idx(cfg.event_idx);
+            q.set_ready(true);
+            if !q.is_valid(&mem) {
+                return Err(bad());
+            }
+            if i % 2 == 0 {
+                events.push(q);
+            } else {
+                decisions.push(q);
+            }
+        }
+        let max_batch = cfg.max_batch.clamp(1, MAX_BATCH);
+        Ok(QueueEngine {
+            mem,
+            cfg: EngineConfig { max_batch, ..cfg },
+            events,
+            decisions,
+            backlog: vec![VecDeque::new(); expected / 2],
+            kick,
+            irq,
+            stats: EngineStats::default(),
+            buf: vec![0u8; max_batch * RECORD_SIZE],
+        })
+    }
+
+    /// Number of CPUs served.
+    pub fn num_cpus(&self) -> u32 {
+        self.cfg.num_cpus
+    }
+
+    /// Engine parameters.
+    pub fn config(&self) -> EngineConfig {
+        self.cfg
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
+    fn count(&mut self, why: Malformed) {
+        self.stats.malformed[why as usize] += 1;
+    }
+
+    /// Pop every available event chain on every event queue, validate it and append the
+    /// decoded messages to `out` as `(queue_cpu, message)`. Returns the number of chains
+    /// consumed. Malformed chains/records are counted and dropped.
+    pub fn poll_events(&mut self, out: &mut Vec<(u16, Message)>) -> usize {
+        let mut chains_total = 0;
+        for cpu in 0..self.events.len() {
+            let n = self.poll_event_queue(cpu, out);
+            chains_total += n;
+            if n > 0 {
+                self.maybe_signal(event_queue_index(cpu as u16), false, cpu);
+            }
+        }
+        chains_total
+    }
+
+    fn poll_event_queue(&mut self, cpu: usize, out: &mut Vec<(u16, Message)>) -> usize {
+        let limit = self.cfg.max_batch * RECORD_SIZE;
+        let num_cpus = self.cfg.num_cpus;
+        let mut consumed = 0;
+        loop {
+            // One chain at a time: the iterator re-reads avail.idx, bounded by queue size.
+            let chain = match self.events[cpu].iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    self.count(Malformed::AvailIndex);
+                    // Skip past the bogus index so a hostile driver cannot wedge us in a
+                    // loop; the queue is unusable until the driver resets the device.
+                    return consumed;
+                }
+            };
+            let Some(chain) = chain else { break };
+            consumed += 1;
+            self.stats.event_chains += 1;
+            let head = chain.head_index();
+            let mut len = 0usize;
+            let mut verdict: Option<Malformed> = None;
+            let mut last_has_next = false;
+            let mut ndesc = 0;
+            for desc in chain {
+                ndesc += 1;
+                last_has_next = desc.has_next();
+                if desc.is_write_only() {
+                    verdict = Some(Malformed::WritableInEventChain);
+                    break;
+                }
+                let dlen = desc.len() as usize;
+                if len + dlen > limit {
+                    verdict = Some(Malformed::TooLong);
+                    break;
+                }
+                if self
+                    .mem
+                    .read_slice(&mut self.buf[len..len + dlen], desc.addr())
+                    .is_err()
+                {
+                    verdict = Some(Malformed::BadAddress);
+                    break;
+                }
+                len += dlen;
+            }
+            if verdict.is_none() && last_has_next {
+                verdict = Some(Malformed::BrokenChain);
+            }
+            if verdict.is_none() && (ndesc == 0 || len == 0 || !len.is_multiple_of(RECORD_SIZE)) {
+                verdict = Some(Malformed::BadChainLength);
+            }
+            match verdict {
+                Some(why) => self.count(why),
+                None => {
+                    for rec in self.buf[..len].chunks_exact(RECORD_SIZE) {
+                        // chunks_exact yields exactly RECORD_SIZE bytes.
+                        let mut raw = [0u8; RECORD_SIZE];
+                        raw.copy_from_slice(rec);
+                        match parse_record(&raw, Direction::GuestToHost, num_cpus) {
+                            Ok(m) => {
+                                self.stats.records_in += 1;
+                                out.push((cpu as u16, m));
+                            }
+                            Err(e) => {
+                                self.stats.malformed[Malformed::from_proto(e) as usize] += 1;
+                            }
+                        }
+                    }
+                }
+            }
+            if self.events[cpu].add_used(&self.mem, head, 0).is_err() {
+                self.count(Malformed::BadHead);
+            }
+        }
+        consumed
+    }
+
+    fn maybe_signal(&mut self, queue_index: u16, decision: bool, cpu: usize) {
+        let q = if decision {
+            &mut self.decisions[cpu]
+        } else {
+            &mut self.events[cpu]
+        };
+        match q.needs_notification(&self.mem) {
+            Ok(true) => {
+                self.stats.interrupts += 1;
+                if self.irq.signal(queue_index).is_err() {
+                    self.stats.interrupt_errors += 1;
+                }
+            }
+            Ok(false) => self.stats.interrupts_suppressed += 1,
+            Err(_) => self.stats.interrupt_errors += 1,
+        }
+    }
+
+    /// Queue a decision record for `cpu`'s decision queue (written by [`Self::flush`]).
+    /// Returns false (and counts it) if the CPU's backlog is full or `cpu` is out of range.
+    pub fn push_decision(&mut self, cpu: u16, rec: [u8; RECORD_SIZE]) -> bool {
+        let limit = self.cfg.backlog_limit;
+        match self.backlog.get_mut(usize::from(cpu)) {
+            Some(b) if b.len() < limit => {
+                b.push_back(rec);
+                true
+            }
+            _ => {
+                self.stats.backlog_overflow += 1;
+                false
+            }
+        }
+    }
+
+    /// Decisions waiting for a guest buffer.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.iter().map(VecDeque::len).sum()
+    }
+
+    /// Write queued decisions into the guest's posted decision buffers, as many records per
+    /// buffer as fit (up to `max_batch`), and signal the guest. Returns records written.
+    pub fn flush(&mut self) -> usize {
+        let mut written = 0;
+        for cpu in 0..self.decisions.len() {
+            if self.backlog[cpu].is_empty() {
+                continue;
+            }
+            let w = self.flush_cpu(cpu);
+            written += w;
+            if w > 0 {
+                self.maybe_signal(decision_queue_index(cpu as u16), true, cpu);
+            }
+            if !self.backlog[cpu].is_empty() {
+                // Out of buffers: ask the driver to kick us when it posts more.
+                self.stats.decision_queue_empty += 1;
+                let _ = self.decisions[cpu].enable_notification(&self.mem);
+            }
+        }
+        written
+    }
+
+    fn flush_cpu(&mut self, cpu: usize) -> usize {
+        let mut written = 0;
+        while !self.backlog[cpu].is_empty() {
+            let chain = match self.decisions[cpu].iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    self.count(Malformed::AvailIndex);
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let mut descs = Vec::with_capacity(4);
+            let mut verdict = None;
+            let mut last_has_next = false;
+            let mut cap = 0usize;
+            for desc in chain {
+                last_has_next = desc.has_next();
+                if !desc.is_write_only() {
+                    verdict = Some(Malformed::ReadableInDecisionChain);
+                    break;
+                }
+                cap = cap.saturating_add(desc.len() as usize);
+                descs.push((desc.addr(), desc.len() as usize));
+            }
+            if verdict.is_none() && last_has_next {
+                verdict = Some(Malformed::BrokenChain);
+            }
+            let nrec = (cap / RECORD_SIZE)
+                .min(self.cfg.max_batch)
+                .min(self.backlog[cpu].len());
+            if verdict.is_none() && nrec == 0 {
+                verdict = Some(Malformed::DecisionBufferTooSmall);
+            }
+            let mut used_len = 0u32;
+            if let Some(why) = verdict {
+                self.count(why);
+            } else {
+                // Stage the records contiguously, then scatter them over the descriptors.
+                let total = nrec * RECORD_SIZE;
+                for (i, rec) in self.backlog[cpu].iter().take(nrec).enumerate() {
+                    self.buf[i * RECORD_SIZE..(i + 1) * RECORD_SIZE].copy_from_slice(rec);
+                }
+                let mut off = 0;
+                let mut ok = true;
+                for (addr, dlen) in descs {
+                    if off == total {
+                        break;
+                    }
+                    let n = dlen.min(total - off);
+                    if self.mem.write_slice(&self.buf[off..off + n], addr).is_err() {
+                        ok = false;
+                        break;
+                    }
+                    off += n;
+                }
+                if ok {
+                    self.backlog[cpu].drain(..nrec);
+                    written += nrec;
+                    used_len = total as u32;
+                    self.stats.records_out += nrec as u64;
+                    self.stats.decision_chains += 1;
+                } else {
+                    self.count(Malformed::BadAddress);
+                }
+            }
+            if self.decisions[cpu]
+                .add_used(&self.mem, head, used_len)
+                .is_err()
+            {
+                self.count(Malformed::BadHead);
+            }
+        }
+        written
+    }
+
+    /// Stop asking for kicks on the event queues (we are polling).
+    pub fn disable_notifications(&mut self) {
+        for q in &mut self.events {
+            let _ = q.disable_notification(&self.mem);
+        }
+    }
+
+    /// Ask for kicks again. Returns true if work arrived meanwhile (then keep polling).
+    pub fn enable_notifications(&mut self) -> bool {
+        let mut pending = false;
+        for q in &mut self.events {
+            // An error means the rings are unreadable; treat as "nothing pending" so the
+            // caller sleeps instead of spinning on a broken queue.
+            pending |= q.enable_notification(&self.mem).unwrap_or(false);
+        }
+        pending
+    }
+
+    /// Sleep until the driver kicks or `timeout` passes. Returns true on a kick.
+    pub fn wait_kick(&self, timeout: Duration) -> Result<bool, EngineError> {
+        let mut pfd = libc::pollfd {
+            fd: self.kick.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: pfd is a valid pollfd for the duration of the call and nfds is 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(EngineError::Kick(e));
+        }
+        if r > 0 && pfd.revents & libc::POLLIN != 0 {
+            // Drain the counter; EAGAIN cannot happen after POLLIN on a blocking eventfd.
+            self.kick.read().map_err(EngineError::Kick)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A clone of the kick eventfd (for transports that register it, e.g. as ioeventfd).
+    pub fn kick_fd(&self) -> io::Result<EventFd> {
+        self.kick.try_clone()
+    }
+}
