@@ -13,6 +13,7 @@
 //! - [`loopback`]: a driver-side split vring playing the guest on shared memory, used by tests
 //!   and by the benchmark crate ([`loopback::run_loopback`]).
 
+pub mod loopback;
 pub mod metrics;
 pub mod policy;
 pub mod protocol;

@@ -1,0 +1,898 @@
+//! Host-only loopback harness: a Rust thread plays the guest driver on shared memory.
+//!
+//! [`DriverQueue`] is a driver-side split virtqueue (writes descriptors and the available
+//! ring, reads the used ring, honours EVENT_IDX for kicks and interrupts).
+//! [`LoopbackMemory`] lays out all rings and buffers of a virtio-milk device in one
+//! anonymous `GuestMemoryMmap`. [`run_loopback`] wires the real [`QueueEngine`] and
+//! [`Runtime`] (on its own thread) with a policy to a simulated guest on the calling thread
+//! and returns latency samples and throughput.
+//!
+//! # Simulated workload
+//! `tasks` tasks on `num_cpus` CPUs. After HELLO every task is announced (TASK_NEW) and
+//! woken (TASK_WAKEUP). Every RUN the guest receives is validated like the real guest does
+//! (unknown pid -> NO_TASK, seq mismatch -> STALE, CPU not allowed -> BAD_CPU, task not
+//! runnable -> NOT_RUNNABLE) and acknowledged; an applied RUN makes the task run for zero
+//! time, block (TASK_BLOCKED) and wake again (TASK_WAKEUP) on the CPU it ran on. The guest
+//! queues records per CPU and sends a buffer when `batch` records are pending, or earlier
+//! when it found no new decision (so a closed loop never stalls on a partial batch).
+//! Latency = time from creating the TASK_WAKEUP record to applying the matching RUN.
+//!
+//! # Example
+//! ```no_run
+//! # use virtio_milk::loopback::{run_loopback, LoopbackConfig, NotifyMode};
+//! # fn policy() -> Box<dyn virtio_milk::policy::Policy> { unimplemented!() }
+//! let stats = run_loopback(
+//!     LoopbackConfig { batch: 8, mode: NotifyMode::Polling, ..Default::default() },
+//!     policy(), // e.g. milk_policies::by_name("fifo").unwrap()
+//! )
+//! .unwrap();
+//! println!("p50 {} ns, {:.0} msgs/s", stats.percentile_ns(50.0), stats.msgs_per_sec());
+//! ```
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, Ordering};
+use std::time::{Duration, Instant};
+
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::metrics::{monotonic_ns, Summary};
+use crate::policy::Policy;
+use crate::protocol::{
+    msg, pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
+    TaskEventKind, MAX_BATCH, RECORD_SIZE,
+};
+use crate::queue::{EngineConfig, EventFdInterrupt, QueueConfig, QueueEngine};
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
+
+/// Descriptor flag: chain continues in `next`.
+pub const VRING_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: device writes this buffer.
+pub const VRING_DESC_F_WRITE: u16 = 2;
+/// Used ring flag: device asks for no kicks (without EVENT_IDX).
+pub const VRING_USED_F_NO_NOTIFY: u16 = 1;
+
+/// virtio's `vring_need_event`: does moving the index from `old` to `new` cross `event`?
+pub fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
+/// Driver side of one split virtqueue in shared memory.
+#[derive(Debug)]
+pub struct DriverQueue {
+    size: u16,
+    desc: GuestAddress,
+    avail: GuestAddress,
+    used: GuestAddress,
+    event_idx: bool,
+    free: Vec<u16>,
+    chains: Vec<Vec<u16>>,
+    avail_idx: u16,
+    published: u16,
+    last_used: u16,
+    /// Used elements naming a head we never posted (device bug).
+    pub bad_used: u64,
+}
+
+impl DriverQueue {
+    /// A queue of `size` entries with its rings at the given guest addresses.
+    pub fn new(size: u16, cfg: QueueConfig, event_idx: bool) -> Self {
+        DriverQueue {
+            size,
+            desc: GuestAddress(cfg.desc_table),
+            avail: GuestAddress(cfg.avail_ring),
+            used: GuestAddress(cfg.used_ring),
+            event_idx,
+            free: (0..size).rev().collect(),
+            chains: vec![Vec::new(); usize::from(size)],
+            avail_idx: 0,
+            published: 0,
+            last_used: 0,
+            bad_used: 0,
+        }
+    }
+
+    /// Free descriptors.
+    pub fn free_descs(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Chains posted and not yet returned.
+    pub fn in_flight(&self) -> usize {
+        usize::from(self.size) - self.free.len()
+    }
+
+    /// Write descriptor `idx` verbatim (for hostile-driver tests).
+    pub fn write_raw_desc<M: GuestMemory>(
+        &self,
+        mem: &M,
+        idx: u16,
+        addr: u64,
+        len: u32,
+        flags: u16,
+        next: u16,
+    ) {
+        let at = self.desc.unchecked_add(16 * u64::from(idx % self.size));
+        mem.write_obj(Descriptor::new(addr, len, flags, next), at)
+            .expect("descriptor table is inside loopback memory");
+    }
+
+    /// Put `head` in the next available slot without any bookkeeping (hostile tests).
+    pub fn push_avail_raw<M: GuestMemory>(&mut self, mem: &M, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        mem.write_obj(head.to_le(), self.avail.unchecked_add(4 + 2 * slot))
+            .expect("avail ring is inside loopback memory");
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+    }
+
+    /// Set the shadow avail index to an arbitrary value (hostile tests).
+    pub fn force_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+    }
+
+    /// Post a chain of `(addr, len, device_writable)` segments. Returns the head, or `None`
+    /// if there are not enough free descriptors. Not visible to the device until
+    /// [`Self::publish`].
+    pub fn add_chain<M: GuestMemory>(&mut self, mem: &M, segs: &[(u64, u32, bool)]) -> Option<u16> {
+        if segs.is_empty() || segs.len() > self.free.len() {
+            return None;
+        }
+        let ids: Vec<u16> = (0..segs.len()).filter_map(|_| self.free.pop()).collect();
+        for (i, &(addr, len, writable)) in segs.iter().enumerate() {
+            let mut flags = if writable { VRING_DESC_F_WRITE } else { 0 };
+            let next = if i + 1 < ids.len() {
+                flags |= VRING_DESC_F_NEXT;
+                ids[i + 1]
+            } else {
+                0
+            };
+            self.write_raw_desc(mem, ids[i], addr, len, flags, next);
+        }
+        let head = ids[0];
+        self.chains[usize::from(head)] = ids;
+        self.push_avail_raw(mem, head);
+        Some(head)
+    }
+
+    /// Make posted chains visible (avail.idx store with release). Returns whether the
+    /// device asked to be kicked for them (EVENT_IDX `avail_event`, or `NO_NOTIFY`).
+    pub fn publish<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        let old = self.published;
+        let new = self.avail_idx;
+        if old == new {
+            return false;
+        }
+        mem.store(new.to_le(), self.avail.unchecked_add(2), Ordering::Release)
+            .expect("avail ring is inside loopback memory");
+        self.published = new;
+        // The device's avail_event / flags must be read after the index store.
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let at = self.used.unchecked_add(4 + 8 * u64::from(self.size));
+            let ev: u16 = mem.load(at, Ordering::Relaxed).map_or(0, u16::from_le);
+            vring_need_event(ev, new, old)
+        } else {
+            let flags: u16 = mem
+                .load(self.used, Ordering::Relaxed)
+                .map_or(0, u16::from_le);
+            flags & VRING_USED_F_NO_NOTIFY == 0
+        }
+    }
+
+    /// Whether the device returned chains we have not popped.
+    pub fn has_used<M: GuestMemory>(&self, mem: &M) -> bool {
+        let idx: u16 = mem
+            .load(self.used.unchecked_add(2), Ordering::Acquire)
+            .map_or(self.last_used, u16::from_le);
+        idx != self.last_used
+    }
+
+    /// Pop one used element `(head, len)` and free its descriptors.
+    pub fn pop_used<M: GuestMemory>(&mut self, mem: &M) -> Option<(u16, u32)> {
+        loop {
+            if !self.has_used(mem) {
+                return None;
+            }
+            let slot = u64::from(self.last_used % self.size);
+            let at = self.used.unchecked_add(4 + 8 * slot);
+            let id: u32 = mem.read_obj(at).map_or(u32::MAX, u32::from_le);
+            let len: u32 = mem.read_obj(at.unchecked_add(4)).map_or(0, u32::from_le);
+            self.last_used = self.last_used.wrapping_add(1);
+            let chain = usize::try_from(id)
+                .ok()
+                .and_then(|i| self.chains.get_mut(i))
+                .map(std::mem::take)
+                .unwrap_or_default();
+            if chain.is_empty() {
+                self.bad_used += 1;
+                continue;
+            }
+            self.free.extend(chain);
+            return Some((id as u16, len));
+        }
+    }
+
+    /// Ask for an interrupt when the next used element arrives (EVENT_IDX `used_event`).
+    /// Returns true if used elements are already pending (do not sleep then).
+    pub fn enable_interrupts<M: GuestMemory>(&mut self, mem: &M) -> bool {
+        if self.event_idx {
+            let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
+            let _ = mem.store(self.last_used.to_le(), at, Ordering::Release);
+        }
+        fence(Ordering::SeqCst);
+        self.has_used(mem)
+    }
+}
+
+/// Where every ring and buffer of a loopback device lives.
+pub struct LoopbackMemory {
+    /// The shared "guest" memory.
+    pub mem: GuestMemoryMmap,
+    /// Per queue index: ring addresses and size (what a transport would hand the engine).
+    pub queues: Vec<QueueConfig>,
+    buf_base: u64,
+    buf_bytes: u64,
+    queue_size: u16,
+}
+
+const RING_BASE: u64 = 0x1_0000;
+const RING_STRIDE: u64 = 0x1_0000;
+
+impl LoopbackMemory {
+    /// Rings for `num_cpus` queue pairs of `queue_size` entries, and one buffer of
+    /// `buf_bytes` per descriptor of every queue. `queue_size` must be a power of two
+    /// <= 1024.
+    pub fn new(num_cpus: u16, queue_size: u16, buf_bytes: u32) -> Result<Self, LoopbackError> {
+        if !queue_size.is_power_of_two() || queue_size > 1024 || num_cpus == 0 {
+            return Err(LoopbackError::Config("queue size or cpu count"));
+        }
+        let nq = u64::from(num_cpus) * 2;
+        let mut queues = Vec::new();
+        for q in 0..nq {
+            let base = RING_BASE + q * RING_STRIDE;
+            let desc = base;
+            let avail = base + 16 * u64::from(queue_size);
+            let used = avail + 0x1000;
+            queues.push(QueueConfig {
+                size: queue_size,
+                desc_table: desc,
+                avail_ring: avail,
+                used_ring: used,
+            });
+        }
+        let buf_base = RING_BASE + nq * RING_STRIDE;
+        let buf_bytes = u64::from(buf_bytes.max(RECORD_SIZE as u32));
+        let total = buf_base + nq * u64::from(queue_size) * buf_bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), total as usize)])
+            .map_err(|_| LoopbackError::Config("cannot map loopback memory"))?;
+        Ok(LoopbackMemory {
+            mem,
+            queues,
+            buf_base,
+            buf_bytes,
+            queue_size,
+        })
+    }
+
+    /// Address of the buffer owned by descriptor `desc` of queue `queue`.
+    pub fn buffer(&self, queue: u16, desc: u16) -> u64 {
+        self.buf_base
+            + (u64::from(queue) * u64::from(self.queue_size) + u64::from(desc % self.queue_size))
+                * self.buf_bytes
+    }
+
+    /// Bytes per buffer.
+    pub fn buf_bytes(&self) -> u32 {
+        self.buf_bytes as u32
+    }
+
+    /// One past the last valid guest address.
+    pub fn end(&self) -> u64 {
+        self.buf_base + self.queues.len() as u64 * u64::from(self.queue_size) * self.buf_bytes
+    }
+
+    /// Driver-side queues for every queue index.
+    pub fn driver_queues(&self, event_idx: bool) -> Vec<DriverQueue> {
+        self.queues
+            .iter()
+            .map(|q| DriverQueue::new(q.size, *q, event_idx))
+            .collect()
+    }
+}
+
+/// Who waits how.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NotifyMode {
+    /// Device sleeps on the kick eventfd as soon as it is idle; the guest sleeps on the
+    /// interrupt eventfd. Notifications are suppressed with EVENT_IDX while busy.
+    Notification,
+    /// Device and guest spin on the rings; no kicks or interrupts in steady state.
+    Polling,
+}
+
+/// Loopback run parameters.
+#[derive(Clone, Debug)]
+pub struct LoopbackConfig {
+    /// Simulated guest CPUs (queue pairs).
+    pub num_cpus: u16,
+    /// Simulated tasks.
+    pub tasks: u32,
+    /// Records per event buffer (1..=64); decision buffers hold as many.
+    pub batch: usize,
+    /// Notification or polling.
+    pub mode: NotifyMode,
+    /// Stop after this many RUN decisions were applied.
+    pub runs: u64,
+    /// Entries per virtqueue.
+    pub queue_size: u16,
+    /// Negotiate VIRTIO_RING_F_EVENT_IDX.
+    pub event_idx: bool,
+    /// Give up after this long.
+    pub timeout: Duration,
+    /// Host heartbeat period.
+    pub heartbeat: Option<Duration>,
+}
+
+impl Default for LoopbackConfig {
+    fn default() -> Self {
+        LoopbackConfig {
+            num_cpus: 4,
+            tasks: 16,
+            batch: 8,
+            mode: NotifyMode::Notification,
+            runs: 20_000,
+            queue_size: 256,
+            event_idx: true,
+            timeout: Duration::from_secs(60),
+            heartbeat: Some(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// Loopback failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LoopbackError {
+    /// Bad configuration.
+    #[error("bad loopback config: {0}")]
+    Config(&'static str),
+    /// Engine or eventfd setup failed.
+    #[error("setup failed: {0}")]
+    Setup(String),
+    /// The run did not finish in time.
+    #[error("timed out after {applied} applied runs")]
+    Timeout {
+        /// Runs applied before giving up.
+        applied: u64,
+    },
+    /// The runtime thread failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Results of one loopback run.
+#[derive(Clone, Debug)]
+pub struct LoopbackStats {
+    /// Event -> decision-applied latency of every applied RUN, in ns, in arrival order.
+    pub latencies_ns: Vec<u64>,
+    /// From the first wakeups to the end of the run.
+    pub elapsed: Duration,
+    /// RUN decisions the guest applied.
+    pub runs_applied: u64,
+    /// Records the guest sent.
+    pub records_sent: u64,
+    /// Records the guest received.
+    pub records_received: u64,
+    /// Event buffers the guest posted.
+    pub event_buffers: u64,
+    /// Kicks (eventfd writes) the guest did.
+    pub kicks: u64,
+    /// Times the guest slept on the interrupt eventfd.
+    pub guest_sleeps: u64,
+    /// Decisions the guest refused, by [`AckStatus`] (index 0 = OK stays 0).
+    pub rejected: [u64; AckStatus::COUNT],
+    /// Decision records the guest found malformed or on the wrong queue.
+    pub guest_protocol_errors: u64,
+    /// HEARTBEAT records received from the host.
+    pub heartbeats: u64,
+    /// HELLO records received from the host.
+    pub hellos: u64,
+    /// The host runtime's summary (counters, host-side latency).
+    pub host: Summary,
+}
+
+impl LoopbackStats {
+    /// Exact percentile of the latency samples (0 if none).
+    pub fn percentile_ns(&self, p: f64) -> u64 {
+        if self.latencies_ns.is_empty() {
+            return 0;
+        }
+        let mut v = self.latencies_ns.clone();
+        v.sort_unstable();
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    /// Messages per second in both directions.
+    pub fn msgs_per_sec(&self) -> f64 {
+        (self.records_sent + self.records_received) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SimState {
+    Blocked,
+    Runnable,
+}
+
+struct SimTask {
+    seq: u64,
+    state: SimState,
+    home: u16,
+    allowed: u64,
+    wake_ns: u64,
+}
+
+struct Guest<'a> {
+    lm: &'a LoopbackMemory,
+    cfg: &'a LoopbackConfig,
+    queues: Vec<DriverQueue>,
+    kick: EventFd,
+    irq: EventFd,
+    tasks: HashMap<u32, SimTask>,
+    pending: Vec<Vec<[u8; RECORD_SIZE]>>,
+    session: u64,
+    stopping: bool,
+    stats: GuestCounters,
+    latencies: Vec<u64>,
+}
+
+#[derive(Default)]
+struct GuestCounters {
+    runs_applied: u64,
+    records_sent: u64,
+    records_received: u64,
+    event_buffers: u64,
+    kicks: u64,
+    sleeps: u64,
+    rejected: [u64; AckStatus::COUNT],
+    protocol_errors: u64,
+    heartbeats: u64,
+    hellos: u64,
+}
+
+const PID_BASE: u32 = 1000;
+
+impl Guest<'_> {
+    fn queue_record(&mut self, cpu: u16, m: Message) {
+        self.pending[usize::from(cpu)].push(m.encode());
+    }
+
+    fn post_decision_buffers(&mut self) {
+        let bytes = (self.cfg.batch * RECORD_SIZE) as u32;
+        for cpu in 0..self.cfg.num_cpus {
+            let q = usize::from(cpu) * 2 + 1;
+            while self.queues[q].free_descs() > 0 {
+                self.repost_decision(cpu, bytes);
+            }
+            self.publish(q);
+        }
+    }
+
+    fn repost_decision(&mut self, cpu: u16, bytes: u32) {
+        let q = usize::from(cpu) * 2 + 1;
+        // Single-descriptor chains: the head is the descriptor, which owns its buffer.
+        // Peek the descriptor the queue will hand out next to know its buffer.
+        let Some(&next) = self.queues[q].free.last() else {
+            return;
+        };
+        let addr = self.lm.buffer(q as u16, next);
+        let lm = self.lm;
+        self.queues[q].add_chain(&lm.mem, &[(addr, bytes, true)]);
+    }
+
+    fn publish(&mut self, q: usize) {
+        let lm = self.lm;
+        if self.queues[q].publish(&lm.mem) {
+            self.stats.kicks += 1;
+            let _ = self.kick.write(1);
+        }
+    }
+
+    fn announce_all(&mut self) {
+        let now = monotonic_ns();
+        let mut pids: Vec<u32> = self.tasks.keys().copied().collect();
+        pids.sort_unstable();
+        for pid in pids {
+            let t = self.tasks.get_mut(&pid).expect("pid from keys");
+            t.seq += 1;
+            let new = Message::TaskNew {
+                cpu: t.home,
+                pid,
+                tgid: pid,
+                seq: t.seq,
+                ts_ns: now,
+                comm: pack_name(&format!("sim{pid}")),
+                cpus_allowed: t.allowed,
+                weight: 100,
+                nice: 0,
+            };
+            t.seq += 1;
+            t.state = SimState::Runnable;
+            t.wake_ns = now;
+            let wake = Message::Task {
+                kind: TaskEventKind::Wakeup,
+                cpu: t.home,
+                pid,
+                arg: 0,
+                seq: t.seq,
+                ts_ns: now,
+            };
+            let home = t.home;
+            self.queue_record(home, new);
+            self.queue_record(home, wake);
+        }
+    }
+
+    fn handle_decision(&mut self, queue_cpu: u16, raw: &[u8; RECORD_SIZE]) {
+        let m = match parse_record(raw, Direction::HostToGuest, u32::from(self.cfg.num_cpus)) {
+            Ok(m) => m,
+            Err(_) => {
+                self.stats.protocol_errors += 1;
+                return;
+            }
+        };
+        self.stats.records_received += 1;
+        match m {
+            Message::Hello(s) => {
+                self.stats.hellos += 1;
+                if s.session_id != self.session {
+                    self.session = s.session_id;
+                    let hello = Message::Hello(SessionInfo {
+                        cpu: 0,
+                        num_cpus: u32::from(self.cfg.num_cpus),
+                        session_id: s.session_id,
+                        ts_ns: monotonic_ns(),
+                        name: pack_name("loopback"),
+                        ..Default::default()
+                    });
+                    self.queue_record(0, hello);
+                    self.announce_all();
+                }
+            }
+            Message::Heartbeat(_) => self.stats.heartbeats += 1,
+            Message::Goodbye(_) => {}
+            Message::Run(d) => {
+                if d.cpu != queue_cpu {
+                    self.stats.protocol_errors += 1;
+                }
+                self.apply_run(d);
+            }
+            Message::Preempt(d) => {
+                // Tasks block as soon as they run, so nothing is ever running.
+                self.ack(d, msg::PREEMPT, AckStatus::Ok);
+            }
+            _ => self.stats.protocol_errors += 1,
+        }
+    }
+
+    fn ack(&mut self, d: DecisionInfo, ty: u16, status: AckStatus) {
+        if status != AckStatus::Ok {
+            self.stats.rejected[status as usize] += 1;
+        }
+        let cpu = d.cpu;
+        self.queue_record(
+            cpu,
+            Message::Ack {
+                cpu,
+                pid: d.pid,
+                status,
+                seq: d.seq,
+                ts_ns: monotonic_ns(),
+                cookie: d.cookie,
+                decision_type: ty,
+                target_cpu: d.cpu,
+            },
+        );
+    }
+
+    fn apply_run(&mut self, d: DecisionInfo) {
+        let now = monotonic_ns();
+        let status = match self.tasks.get(&d.pid) {
+            None => AckStatus::NoTask,
+            Some(t) if t.seq != d.seq => AckStatus::Stale,
+            Some(t) if d.cpu >= 64 || t.allowed & (1 << d.cpu) == 0 => AckStatus::BadCpu,
+            Some(t) if t.state != SimState::Runnable => AckStatus::NotRunnable,
+            Some(_) => AckStatus::Ok,
+        };
+        self.ack(d, msg::RUN, status);
+        if status != AckStatus::Ok {
+            return;
+        }
+        self.stats.runs_applied += 1;
+        let stopping = self.stopping || self.stats.runs_applied >= self.cfg.runs;
+        self.stopping = stopping;
+        let t = self.tasks.get_mut(&d.pid).expect("validated above");
+        self.latencies.push(now.saturating_sub(t.wake_ns));
+        // The task runs for zero time, blocks, and (unless stopping) wakes again.
+        t.seq += 1;
+        t.state = SimState::Blocked;
+        let blocked = Message::Task {
+            kind: TaskEventKind::Blocked,
+            cpu: d.cpu,
+            pid: d.pid,
+            arg: 0,
+            seq: t.seq,
+            ts_ns: now,
+        };
+        let wake = if stopping {
+            None
+        } else {
+            t.seq += 1;
+            t.state = SimState::Runnable;
+            t.wake_ns = monotonic_ns();
+            Some(Message::Task {
+                kind: TaskEventKind::Wakeup,
+                cpu: d.cpu,
+                pid: d.pid,
+                arg: 0,
+                seq: t.seq,
+                ts_ns: t.wake_ns,
+            })
+        };
+        self.queue_record(d.cpu, blocked);
+        if let Some(w) = wake {
+            self.queue_record(d.cpu, w);
+        }
+    }
+
+    /// Reap decision buffers; returns whether any arrived.
+    fn reap_decisions(&mut self) -> bool {
+        let mut any = false;
+        let bytes = (self.cfg.batch * RECORD_SIZE) as u32;
+        let lm = self.lm;
+        for cpu in 0..self.cfg.num_cpus {
+            let q = usize::from(cpu) * 2 + 1;
+            let mut reposted = false;
+            while let Some((head, len)) = self.queues[q].pop_used(&lm.mem) {
+                any = true;
+                let len = len as usize;
+                if len > bytes as usize || !len.is_multiple_of(RECORD_SIZE) {
+                    self.stats.protocol_errors += 1;
+                } else {
+                    let base = lm.buffer(q as u16, head);
+                    let mut raw = [0u8; RECORD_SIZE];
+                    for i in 0..len / RECORD_SIZE {
+                        let at = GuestAddress(base + (i * RECORD_SIZE) as u64);
+                        if lm.mem.read_slice(&mut raw, at).is_err() {
+                            self.stats.protocol_errors += 1;
+                            continue;
+                        }
+                        self.handle_decision(cpu, &raw);
+                    }
+                }
+                self.repost_decision(cpu, bytes);
+                reposted = true;
+            }
+            if reposted {
+                self.publish(q);
+            }
+        }
+        any
+    }
+
+    fn reap_events(&mut self) {
+        let lm = self.lm;
+        for cpu in 0..self.cfg.num_cpus {
+            let q = usize::from(cpu) * 2;
+            while self.queues[q].pop_used(&lm.mem).is_some() {}
+        }
+    }
+
+    /// Send pending records: full batches always, partial ones if `force`.
+    fn flush_events(&mut self, force: bool) {
+        let batch = self.cfg.batch;
+        let lm = self.lm;
+        for cpu in 0..self.cfg.num_cpus {
+            let c = usize::from(cpu);
+            let q = c * 2;
+            let mut posted = false;
+            while self.pending[c].len() >= batch || (force && !self.pending[c].is_empty()) {
+                let Some(&desc) = self.queues[q].free.last() else {
+                    break;
+                };
+                let n = self.pending[c].len().min(batch);
+                let addr = lm.buffer(q as u16, desc);
+                for (i, rec) in self.pending[c].drain(..n).enumerate() {
+                    lm.mem
+                        .write_slice(&rec, GuestAddress(addr + (i * RECORD_SIZE) as u64))
+                        .expect("loopback buffer in memory");
+                }
+                self.queues[q].add_chain(&lm.mem, &[(addr, (n * RECORD_SIZE) as u32, false)]);
+                self.stats.records_sent += n as u64;
+                self.stats.event_buffers += 1;
+                posted = true;
+            }
+            if posted {
+                self.publish(q);
+            }
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.tasks.values().all(|t| t.state == SimState::Blocked)
+            && self.pending.iter().all(Vec::is_empty)
+            && (0..self.cfg.num_cpus).all(|c| self.queues[usize::from(c) * 2].in_flight() == 0)
+    }
+
+    fn sleep(&mut self) {
+        let lm = self.lm;
+        let mut pending = false;
+        for cpu in 0..self.cfg.num_cpus {
+            pending |= self.queues[usize::from(cpu) * 2 + 1].enable_interrupts(&lm.mem);
+        }
+        if pending {
+            return;
+        }
+        self.stats.sleeps += 1;
+        let mut pfd = libc::pollfd {
+            fd: self.irq.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: pfd is a valid pollfd for the duration of the call and nfds is 1.
+        let r = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if r > 0 {
+            // Non-blocking eventfd: a racing reader can only make this return EAGAIN.
+            let _ = self.irq.read();
+        }
+    }
+
+    fn run(
+        &mut self,
+        deadline: Instant,
+        hook: &mut dyn FnMut(u64),
+    ) -> Result<Instant, LoopbackError> {
+        // Wait for the host's HELLO (it triggers TASK_NEW + WAKEUP for every task).
+        let mut started = None;
+        loop {
+            if Instant::now() > deadline {
+                return Err(LoopbackError::Timeout {
+                    applied: self.stats.runs_applied,
+                });
+            }
+            let got = self.reap_decisions();
+            hook(self.stats.runs_applied);
+            if self.session != 0 && started.is_none() {
+                started = Some(Instant::now());
+            }
+            self.reap_events();
+            self.flush_events(!got);
+            if started.is_some() && self.stopping && self.idle() {
+                break;
+            }
+            if !got {
+                match self.cfg.mode {
+                    NotifyMode::Polling => std::hint::spin_loop(),
+                    NotifyMode::Notification => {
+                        if self.pending.iter().all(Vec::is_empty) {
+                            self.sleep();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(started.unwrap_or_else(Instant::now))
+    }
+}
+
+/// Run the loopback with `policy` on the device side; see the module docs for the workload.
+pub fn run_loopback(
+    cfg: LoopbackConfig,
+    policy: Box<dyn Policy>,
+) -> Result<LoopbackStats, LoopbackError> {
+    run_loopback_with_swap(cfg, policy, None)
+}
+
+/// Like [`run_loopback`], but after `swap.0` applied runs the runtime switches to policy
+/// `swap.1` while the guest keeps going (the guest must see only a pause).
+pub fn run_loopback_with_swap(
+    cfg: LoopbackConfig,
+    policy: Box<dyn Policy>,
+    mut swap: Option<(u64, Box<dyn Policy>)>,
+) -> Result<LoopbackStats, LoopbackError> {
+    if cfg.batch == 0 || cfg.batch > MAX_BATCH || cfg.tasks == 0 || cfg.num_cpus == 0 {
+        return Err(LoopbackError::Config("batch, tasks or cpus out of range"));
+    }
+    if cfg.num_cpus > 64 {
+        return Err(LoopbackError::Config("at most 64 cpus"));
+    }
+    let buf = (cfg.batch * RECORD_SIZE) as u32;
+    let lm = LoopbackMemory::new(cfg.num_cpus, cfg.queue_size, buf)?;
+    let setup = |e: std::io::Error| LoopbackError::Setup(e.to_string());
+    let kick = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+    let irq = EventFd::new(EFD_NONBLOCK).map_err(setup)?;
+    let mut ecfg = EngineConfig::new(u32::from(cfg.num_cpus));
+    ecfg.event_idx = cfg.event_idx;
+    ecfg.max_batch = cfg.batch;
+    ecfg.max_queue_size = cfg.queue_size;
+    let engine = QueueEngine::new(
+        lm.mem.clone(),
+        ecfg,
+        &lm.queues,
+        kick.try_clone().map_err(setup)?,
+        Box::new(EventFdInterrupt(irq.try_clone().map_err(setup)?)),
+    )
+    .map_err(|e| LoopbackError::Setup(e.to_string()))?;
+    let rcfg = RuntimeConfig {
+        spin_budget: match cfg.mode {
+            NotifyMode::Polling => None,
+            NotifyMode::Notification => Some(Duration::ZERO),
+        },
+        heartbeat: cfg.heartbeat,
+        ..Default::default()
+    };
+    let all = if cfg.num_cpus >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << cfg.num_cpus) - 1
+    };
+    let tasks = (0..cfg.tasks)
+        .map(|i| {
+            (
+                PID_BASE + i,
+                SimTask {
+                    seq: 0,
+                    state: SimState::Blocked,
+                    home: (i % u32::from(cfg.num_cpus)) as u16,
+                    allowed: all,
+                    wake_ns: 0,
+                },
+            )
+        })
+        .collect();
+    let mut guest = Guest {
+        lm: &lm,
+        cfg: &cfg,
+        queues: lm.driver_queues(cfg.event_idx),
+        kick,
+        irq,
+        tasks,
+        pending: vec![Vec::new(); usize::from(cfg.num_cpus)],
+        session: 0,
+        stopping: false,
+        stats: GuestCounters::default(),
+        latencies: Vec::with_capacity(cfg.runs as usize + 16),
+    };
+    guest.post_decision_buffers();
+    let handle = Runtime::new(engine, policy, rcfg).spawn()?;
+    let deadline = Instant::now() + cfg.timeout;
+    let mut hook = |applied: u64| {
+        if swap.as_ref().is_some_and(|(after, _)| applied >= *after) {
+            if let Some((_, next)) = swap.take() {
+                handle.swap_policy(next);
+            }
+        }
+    };
+    let result = guest.run(deadline, &mut hook);
+    let end = Instant::now();
+    let rt = handle.stop()?;
+    let start = result?;
+    let s = guest.stats;
+    Ok(LoopbackStats {
+        latencies_ns: guest.latencies,
+        elapsed: end.duration_since(start),
+        runs_applied: s.runs_applied,
+        records_sent: s.records_sent,
+        records_received: s.records_received,
+        event_buffers: s.event_buffers,
+        kicks: s.kicks,
+        guest_sleeps: s.sleeps,
+        rejected: s.rejected,
+        guest_protocol_errors: s.protocol_errors,
+        heartbeats: s.heartbeats,
+        hellos: s.hellos,
+        host: rt.summary(),
+    })
+}
