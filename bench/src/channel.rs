@@ -57,6 +57,9 @@ pub trait MsgReceiver: Send {
     fn recv(&mut self, out: &mut Vec<Msg>) -> Result<(), ChanError>;
 }
 
+/// A connected sender/receiver pair.
+pub type Pair = (Box<dyn MsgSender>, Box<dyn MsgReceiver>);
+
 /// A benchmarked channel: a factory for connected sender/receiver pairs.
 pub trait Channel: Sync {
     /// Row name, e.g. "pipe" or "virtio-milk notify b8".
@@ -64,5 +67,5 @@ pub trait Channel: Sync {
     /// One line: how the 64 bytes travel and how the receiver waits.
     fn describe(&self) -> String;
     /// Creates a fresh connected pair (one per run).
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError>;
+    fn open(&self) -> Result<Pair, ChanError>;
 }

@@ -7,7 +7,7 @@
 use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
 use crate::clock::{now_ns, process_cpu_ns, thread_cpu_ns};
 use crate::msg::{Msg, FLAG_END};
-use crate::sys::pin_to_cpu;
+use crate::sys::{pin_to_cpu, set_fifo};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -29,6 +29,11 @@ pub struct RunConfig {
     pub receiver_cpu: Option<usize>,
     /// A run that makes no progress for this long fails.
     pub timeout: Duration,
+    /// Idle gap before each latency message, uniform in [min, max] ns, so
+    /// a blocking receiver is really asleep (sporadic events, not ping-pong).
+    pub gap_ns: (u64, u64),
+    /// Run both threads SCHED_FIFO at this priority (None: normal policy).
+    pub fifo_priority: Option<i32>,
 }
 
 impl Default for RunConfig {
@@ -41,6 +46,8 @@ impl Default for RunConfig {
             sender_cpu: Some(0),
             receiver_cpu: Some(1),
             timeout: Duration::from_secs(10),
+            gap_ns: (20_000, 60_000),
+            fifo_priority: None,
         }
     }
 }
@@ -99,7 +106,18 @@ fn sender_loop(
 ) -> Result<SenderOut, ChanError> {
     tx.start()?;
     let lat_total = cfg.warmup + cfg.lat_msgs;
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     for seq in 0..lat_total {
+        let (lo, hi) = cfg.gap_ns;
+        if hi > 0 {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let until = now_ns() + lo + rng % (hi.saturating_sub(lo) + 1);
+            while now_ns() < until {
+                std::hint::spin_loop();
+            }
+        }
         tx.send(&Msg::new(seq, now_ns(), 0))?;
         tx.flush()?;
         let t0 = now_ns();
@@ -112,7 +130,7 @@ fn sender_loop(
                 // Only paces the sender: latency is stamped by the receiver.
                 std::thread::yield_now();
             }
-            if spins % 1024 == 0 && now_ns() - t0 > cfg.timeout.as_nanos() as u64 {
+            if spins & 1023 == 0 && now_ns() - t0 > cfg.timeout.as_nanos() as u64 {
                 return Err(ChanError::Protocol(format!(
                     "latency message {seq} not received within {:?}",
                     cfg.timeout
@@ -127,7 +145,7 @@ fn sender_loop(
     let mut seq = lat_total;
     let last = lat_total + cfg.tput_max_msgs.max(1) - 1;
     loop {
-        let now = if seq % 64 == 0 { now_ns() } else { start };
+        let now = if seq & 63 == 0 { now_ns() } else { start };
         let end = seq == last || now >= deadline;
         tx.send(&Msg::new(seq, now, if end { FLAG_END } else { 0 }))?;
         seq += 1;
@@ -204,6 +222,9 @@ pub fn run_once(ch: &dyn Channel, cfg: &RunConfig) -> Result<RunResult, ChanErro
             if let Some(c) = rcfg.receiver_cpu {
                 pin_to_cpu(c);
             }
+            if let Some(p) = rcfg.fifo_priority {
+                set_fifo(p);
+            }
             if let Err(e) = rx.start() {
                 let _ = ready_tx.send(Err(e));
                 return;
@@ -226,6 +247,9 @@ pub fn run_once(ch: &dyn Channel, cfg: &RunConfig) -> Result<RunResult, ChanErro
         .spawn(move || {
             if let Some(c) = scfg.sender_cpu {
                 pin_to_cpu(c);
+            }
+            if let Some(p) = scfg.fifo_priority {
+                set_fifo(p);
             }
             let r = sender_loop(tx.as_mut(), &scfg, &ack);
             drop(tx);
@@ -292,6 +316,7 @@ pub fn smoke_config() -> RunConfig {
         tput_max_msgs: 3000,
         tput_ms: 50,
         timeout: Duration::from_secs(5),
+        gap_ns: (5_000, 10_000),
         ..RunConfig::default()
     }
 }
@@ -350,7 +375,7 @@ mod tests {
         fn describe(&self) -> String {
             "test channel".into()
         }
-        fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+        fn open(&self) -> Result<crate::channel::Pair, ChanError> {
             let (p, c) = ring(64);
             Ok((Box::new(FaultyTx(p, self.0)), Box::new(FaultyRx(c))))
         }

@@ -45,6 +45,22 @@ pub fn pin_to_cpu(cpu: usize) -> bool {
     r == 0
 }
 
+/// Switches the calling thread to SCHED_FIFO at `prio`; logs if refused.
+pub fn set_fifo(prio: i32) -> bool {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: `param` is a valid sched_param; 0 = calling thread.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if r != 0 {
+        log::warn!(
+            "cannot set SCHED_FIFO {prio}: {}",
+            io::Error::last_os_error()
+        );
+    }
+    r == 0
+}
+
 /// Kernel thread id of the calling thread.
 pub fn gettid() -> libc::pid_t {
     // SAFETY: gettid has no arguments and cannot fail.

@@ -2,7 +2,7 @@
 //! only a 64-bit counter, so the 64 bytes sit in the ring and every message
 //! costs one write(2) on the eventfd; the receiver blocks in read(2).
 
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender, Pair};
 use crate::msg::Msg;
 use crate::shm_ring::{ring, Consumer, Producer};
 use crate::sys::{read_some, write_all, Fd};
@@ -39,7 +39,7 @@ impl Channel for EventFd {
     fn describe(&self) -> String {
         "64 B in a shared ring, one eventfd write per message; receiver blocks in read(2)".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         // SAFETY: eventfd takes no pointers.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
         if fd < 0 {

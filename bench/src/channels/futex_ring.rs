@@ -2,7 +2,7 @@
 //! when the ring is empty and the sender issues FUTEX_WAKE only if a waiter
 //! announced itself (an eventcount, so idle-free streaming costs no syscall).
 
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender, Pair};
 use crate::msg::Msg;
 use crate::shm_ring::{ring, Consumer, Producer};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -41,8 +41,7 @@ impl MsgSender for Tx {
     fn send(&mut self, m: &Msg) -> Result<(), ChanError> {
         self.0.push(m);
         self.1.seq.fetch_add(1, Ordering::SeqCst);
-        if self.1.waiting.load(Ordering::SeqCst) != 0
-            && futex(&self.1.seq, libc::FUTEX_WAKE, 1) < 0
+        if self.1.waiting.load(Ordering::SeqCst) != 0 && futex(&self.1.seq, libc::FUTEX_WAKE, 1) < 0
         {
             return Err(ChanError::last_os("futex wake"));
         }
@@ -78,7 +77,7 @@ impl Channel for FutexRing {
     fn describe(&self) -> String {
         "64 B slots in a shared ring; FUTEX_WAKE only when the receiver sleeps".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         let (p, c) = ring(1024);
         let ec = Arc::new(EventCount::default());
         Ok((Box::new(Tx(p, ec.clone())), Box::new(Rx(c, ec))))

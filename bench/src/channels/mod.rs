@@ -8,11 +8,31 @@ pub mod signal;
 pub mod spin_ring;
 pub mod stream;
 pub mod unix;
+pub mod uring_msg_ring;
+pub mod uring_pipe;
 
-use crate::channel::Channel;
+use crate::channel::{ChanError, Channel};
+
+/// Maps an io_uring setup/enter error; ENOSYS/EPERM mean "not here".
+pub(crate) fn uring_err(op: &'static str, e: std::io::Error) -> ChanError {
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => ChanError::Unavailable("kernel built without io_uring".into()),
+        Some(libc::EPERM) if op == "io_uring_setup" => {
+            ChanError::Unavailable("io_uring disabled (kernel.io_uring_disabled)".into())
+        }
+        _ => ChanError::io(op, e),
+    }
+}
+
+/// Knobs that shape some rows.
+#[derive(Debug, Clone, Default)]
+pub struct ChannelOpts {
+    /// CPU for kernel polling threads (SQPOLL), normally the receiver's.
+    pub poll_cpu: Option<u32>,
+}
 
 /// All rows, in table order.
-pub fn all() -> Vec<Box<dyn Channel>> {
+pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
     vec![
         Box::new(pipe::Pipe),
         Box::new(eventfd::EventFd),
@@ -22,5 +42,14 @@ pub fn all() -> Vec<Box<dyn Channel>> {
         Box::new(signal::RtSignal),
         Box::new(futex_ring::FutexRing),
         Box::new(spin_ring::SpinRing),
+        Box::new(uring_pipe::UringPipe {
+            sqpoll: false,
+            sq_cpu: None,
+        }),
+        Box::new(uring_pipe::UringPipe {
+            sqpoll: true,
+            sq_cpu: opts.poll_cpu,
+        }),
+        Box::new(uring_msg_ring::UringMsgRing),
     ]
 }

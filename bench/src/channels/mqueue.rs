@@ -1,6 +1,6 @@
 //! POSIX message queue: mq_send/mq_receive of 64-byte messages.
 
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender, Pair};
 use crate::msg::{Msg, MSG_SIZE};
 use std::ffi::CString;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -91,7 +91,7 @@ impl Channel for MQueue {
     fn describe(&self) -> String {
         "mq_send/mq_receive of 64 B; blocking both ways".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "/milk-bench-{}-{}",
@@ -103,7 +103,9 @@ impl Channel for MQueue {
         let q = open_queue(&cname, 256)
             .or_else(|_| open_queue(&cname, 10))
             .map_err(|e| match e.raw_os_error() {
-                Some(libc::ENOSYS) => ChanError::Unavailable("kernel built without POSIX_MQUEUE".into()),
+                Some(libc::ENOSYS) => {
+                    ChanError::Unavailable("kernel built without POSIX_MQUEUE".into())
+                }
                 _ => ChanError::io("mq_open", e),
             })?;
         // SAFETY: `cname` is NUL-terminated; the open descriptor stays valid.

@@ -1,7 +1,7 @@
 //! pipe(2): the classic ipc-bench baseline.
 
 use super::stream::{FdTx, StreamRx};
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, Pair};
 use crate::sys::{cvt, Fd};
 
 pub struct Pipe;
@@ -22,7 +22,7 @@ impl Channel for Pipe {
     fn describe(&self) -> String {
         "write(2) 64 B into a pipe; receiver blocks in read(2)".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         let (r, w) = pipe_fds()?;
         Ok((Box::new(FdTx(w)), Box::new(StreamRx::new(r, 4096))))
     }

@@ -3,7 +3,7 @@
 //! a shared ring because a signal carries only 8 bytes of payload. The
 //! receiver blocks the signal and waits in sigwaitinfo(2).
 
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender, Pair};
 use crate::msg::Msg;
 use crate::shm_ring::{ring, Consumer, Producer};
 use crate::sys::gettid;
@@ -80,7 +80,10 @@ impl MsgReceiver for Rx {
         // SAFETY: `set` is valid; only this thread's mask changes.
         let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
         if r != 0 {
-            return Err(ChanError::io("pthread_sigmask", std::io::Error::from_raw_os_error(r)));
+            return Err(ChanError::io(
+                "pthread_sigmask",
+                std::io::Error::from_raw_os_error(r),
+            ));
         }
         self.tid.store(gettid(), Ordering::Release);
         Ok(())
@@ -103,10 +106,9 @@ impl MsgReceiver for Rx {
             let raw = (&si as *const libc::siginfo_t).cast::<u8>();
             // SAFETY: bytes 24..32 lie inside the siginfo_t written above.
             let seq = unsafe { std::ptr::read_unaligned(raw.add(24).cast::<u64>()) };
-            let m = self
-                .ring
-                .pop()
-                .ok_or_else(|| ChanError::Protocol(format!("signal for seq {seq} but ring empty")))?;
+            let m = self.ring.pop().ok_or_else(|| {
+                ChanError::Protocol(format!("signal for seq {seq} but ring empty"))
+            })?;
             if m.seq() != seq {
                 return Err(ChanError::Protocol(format!(
                     "signal carried seq {seq}, ring slot holds {}",
@@ -126,7 +128,7 @@ impl Channel for RtSignal {
     fn describe(&self) -> String {
         "rt_tgsigqueueinfo with si_value=seq, 64 B in a shared ring; receiver in sigwaitinfo".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         let (p, c) = ring(1024);
         let tid = Arc::new(AtomicI32::new(0));
         Ok((

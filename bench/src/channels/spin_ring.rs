@@ -1,7 +1,7 @@
 //! Busy-polled shared-memory SPSC ring: no kernel at all, the physical floor
 //! (a cache line moving between two cores).
 
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender, Pair};
 use crate::msg::Msg;
 use crate::shm_ring::{ring, Consumer, Producer};
 
@@ -33,7 +33,7 @@ impl Channel for SpinRing {
     fn describe(&self) -> String {
         "SPSC ring of 64 B slots, both sides spin; no syscalls".into()
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         let (p, c) = ring(1024);
         Ok((Box::new(Tx(p)), Box::new(Rx(c))))
     }

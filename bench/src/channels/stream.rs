@@ -46,7 +46,11 @@ impl MsgReceiver for StreamRx {
             if whole == 0 {
                 continue;
             }
-            out.extend(self.pending[..whole].chunks_exact(MSG_SIZE).filter_map(Msg::from_slice));
+            out.extend(
+                self.pending[..whole]
+                    .chunks_exact(MSG_SIZE)
+                    .filter_map(Msg::from_slice),
+            );
             self.pending.drain(..whole);
             return Ok(());
         }

@@ -1,7 +1,7 @@
 //! AF_UNIX socketpairs, stream and seqpacket.
 
 use super::stream::{FdTx, StreamRx};
-use crate::channel::{ChanError, Channel, MsgReceiver, MsgSender};
+use crate::channel::{ChanError, Channel, Pair};
 use crate::sys::{cvt, Fd};
 
 /// A Unix socketpair of the given type (SOCK_STREAM or SOCK_SEQPACKET).
@@ -24,7 +24,7 @@ impl Channel for UnixSocket {
             "socketpair(SOCK_STREAM): write 64 B, receiver reads in bulk".into()
         }
     }
-    fn open(&self) -> Result<(Box<dyn MsgSender>, Box<dyn MsgReceiver>), ChanError> {
+    fn open(&self) -> Result<Pair, ChanError> {
         let ty = if self.seqpacket {
             libc::SOCK_SEQPACKET
         } else {
