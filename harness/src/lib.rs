@@ -24,7 +24,7 @@ pub const QEMU: &str = "qemu-system-x86_64";
 /// serial console, reboot by triple fault (ends the VM), no reboot loop on
 /// panic, and quiet enough to boot fast while keeping the banner and the
 /// e820 map.
-pub const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 loglevel=6";
+pub const BASE_CMDLINE: &str = "console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 loglevel=7";
 
 /// How many console lines an outcome or error keeps.
 pub const TAIL_LINES: usize = 40;
