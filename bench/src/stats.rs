@@ -5,7 +5,8 @@ pub fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
-    let rank = ((q / 100.0) * sorted.len() as f64).ceil() as usize;
+    // The epsilon keeps float error (99.9% of 1000 = 999.0000001) off the next rank.
+    let rank = ((q / 100.0) * sorted.len() as f64 - 1e-9).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
