@@ -99,6 +99,11 @@ impl DriverQueue {
         self.free.len()
     }
 
+    /// The descriptor the next single-descriptor [`Self::add_chain`] will use as head.
+    pub fn next_free_desc(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
     /// Chains posted and not yet returned.
     pub fn in_flight(&self) -> usize {
         usize::from(self.size) - self.free.len()

@@ -1,0 +1,507 @@
+//! Runtime behaviour driven step by step through real queues: seq tracking, acks, session
+//! handling, policy validation, policy swap and stop/restart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
+use virtio_milk::policy::{CpuState, Decision, Policy, PolicyEvent, SchedView, TaskState};
+use virtio_milk::protocol::{
+    pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
+    TaskEventKind, RECORD_SIZE,
+};
+use virtio_milk::queue::{EngineConfig, QueueEngine};
+use virtio_milk::runtime::{Runtime, RuntimeConfig};
+
+const CPUS: u16 = 2;
+
+/// Dispatches runnable tasks (lowest pid first) to free CPUs; can be told to emit bogus
+/// decisions. Records the events it saw.
+struct TestPolicy {
+    name: &'static str,
+    seen: Arc<Mutex<Vec<PolicyEvent>>>,
+    bogus: Vec<Decision>,
+    attached_runnable: Arc<AtomicU64>,
+}
+
+impl TestPolicy {
+    fn new(name: &'static str) -> (Self, Arc<Mutex<Vec<PolicyEvent>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        (
+            TestPolicy {
+                name,
+                seen: seen.clone(),
+                bogus: Vec::new(),
+                attached_runnable: Arc::new(AtomicU64::new(0)),
+            },
+            seen,
+        )
+    }
+}
+
+impl Policy for TestPolicy {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn attach(&mut self, view: &SchedView) {
+        let n = view
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Runnable)
+            .count();
+        self.attached_runnable.store(n as u64, Ordering::Relaxed);
+    }
+    fn on_event(&mut self, ev: &PolicyEvent, _view: &SchedView) {
+        self.seen.lock().unwrap().push(*ev);
+    }
+    fn schedule(&mut self, view: &SchedView, out: &mut Vec<Decision>) {
+        out.append(&mut self.bogus);
+        let mut runnable: Vec<_> = view
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Runnable)
+            .map(|t| t.pid)
+            .collect();
+        runnable.sort_unstable();
+        let mut it = runnable.into_iter();
+        for cpu in view.free_cpus() {
+            let Some(pid) = it.next() else { break };
+            if view.task(pid).is_some_and(|t| t.allows(cpu)) {
+                out.push(Decision::Run {
+                    pid,
+                    cpu,
+                    slice_ns: 0,
+                });
+            }
+        }
+    }
+}
+
+struct Guest {
+    lm: LoopbackMemory,
+    dq: Vec<DriverQueue>,
+    kick: EventFd,
+}
+
+impl Guest {
+    /// Post one event buffer with `msgs` on `cpu`'s event queue (kicking if asked).
+    fn send(&mut self, cpu: u16, msgs: &[Message]) {
+        let q = usize::from(cpu) * 2;
+        while self.dq[q].pop_used(&self.lm.mem).is_some() {}
+        let d = self.dq[q].next_free_desc().expect("free event descriptor");
+        let addr = self.lm.buffer(q as u16, d);
+        for (i, m) in msgs.iter().enumerate() {
+            self.lm
+                .mem
+                .write_slice(&m.encode(), GuestAddress(addr + (i * RECORD_SIZE) as u64))
+                .unwrap();
+        }
+        let len = (msgs.len() * RECORD_SIZE) as u32;
+        self.dq[q]
+            .add_chain(&self.lm.mem, &[(addr, len, false)])
+            .unwrap();
+        if self.dq[q].publish(&self.lm.mem) {
+            self.kick.write(1).unwrap();
+        }
+    }
+
+    fn post_decision_buffer(&mut self, q: usize) {
+        let d = self.dq[q]
+            .next_free_desc()
+            .expect("free decision descriptor");
+        let a = self.lm.buffer(q as u16, d);
+        self.dq[q]
+            .add_chain(&self.lm.mem, &[(a, 256, true)])
+            .unwrap();
+    }
+
+    fn post_decision_buffers(&mut self) {
+        for cpu in 0..CPUS {
+            let q = usize::from(cpu) * 2 + 1;
+            while self.dq[q].free_descs() > 0 {
+                self.post_decision_buffer(q);
+            }
+            self.dq[q].publish(&self.lm.mem);
+        }
+    }
+
+    /// Records received on `cpu`'s decision queue; buffers are reposted.
+    fn recv(&mut self, cpu: u16) -> Vec<Message> {
+        let q = usize::from(cpu) * 2 + 1;
+        let mut msgs = Vec::new();
+        while let Some((head, len)) = self.dq[q].pop_used(&self.lm.mem) {
+            let a = self.lm.buffer(q as u16, head);
+            for i in 0..len as usize / RECORD_SIZE {
+                let mut raw = [0u8; RECORD_SIZE];
+                self.lm
+                    .mem
+                    .read_slice(&mut raw, GuestAddress(a + (i * RECORD_SIZE) as u64))
+                    .unwrap();
+                msgs.push(parse_record(&raw, Direction::HostToGuest, u32::from(CPUS)).unwrap());
+            }
+            self.post_decision_buffer(q);
+        }
+        self.dq[q].publish(&self.lm.mem);
+        msgs
+    }
+}
+
+fn setup(policy: Box<dyn Policy>) -> (Guest, Runtime<GuestMemoryMmap>) {
+    let lm = LoopbackMemory::new(CPUS, 8, 256).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut cfg = EngineConfig::new(u32::from(CPUS));
+    cfg.max_batch = 4;
+    cfg.max_queue_size = 8;
+    let engine = QueueEngine::new(
+        lm.mem.clone(),
+        cfg,
+        &lm.queues,
+        kick.try_clone().unwrap(),
+        Box::new(|_q: u16| Ok(())),
+    )
+    .unwrap();
+    let dq = lm.driver_queues(true);
+    let mut g = Guest { lm, dq, kick };
+    g.post_decision_buffers();
+    let rt = Runtime::new(
+        engine,
+        policy,
+        RuntimeConfig {
+            heartbeat: None,
+            ..Default::default()
+        },
+    );
+    (g, rt)
+}
+
+fn task_new(pid: u32, seq: u64, mask: u64) -> Message {
+    Message::TaskNew {
+        cpu: 0,
+        pid,
+        tgid: pid,
+        seq,
+        ts_ns: 0,
+        comm: pack_name("t"),
+        cpus_allowed: mask,
+        weight: 100,
+        nice: 0,
+    }
+}
+
+fn ev(kind: TaskEventKind, cpu: u16, pid: u32, seq: u64) -> Message {
+    Message::Task {
+        kind,
+        cpu,
+        pid,
+        arg: 0,
+        seq,
+        ts_ns: 0,
+    }
+}
+
+fn ack(d: &DecisionInfo, status: AckStatus) -> Message {
+    Message::Ack {
+        cpu: d.cpu,
+        pid: d.pid,
+        status,
+        seq: d.seq,
+        ts_ns: 0,
+        cookie: d.cookie,
+        decision_type: virtio_milk::protocol::msg::RUN,
+        target_cpu: d.cpu,
+    }
+}
+
+fn runs(msgs: &[Message]) -> Vec<DecisionInfo> {
+    msgs.iter()
+        .filter_map(|m| match m {
+            Message::Run(d) => Some(*d),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn seq_tracking_drops_stale_and_unknown_events() {
+    let (p, _) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[
+            task_new(10, 1, 0b01),
+            ev(TaskEventKind::Wakeup, 0, 10, 3),
+            ev(TaskEventKind::Blocked, 0, 10, 2), // older than 3: stale
+            ev(TaskEventKind::Wakeup, 0, 99, 1),  // unknown pid
+        ],
+    );
+    rt.step();
+    assert_eq!(rt.metrics().stale_events, 1);
+    assert_eq!(rt.metrics().unknown_task_events, 1);
+    let t = rt.view().task(10).unwrap();
+    assert_eq!(t.seq, 3);
+    assert_eq!(t.state, TaskState::Dispatched(0));
+    let got = g.recv(0);
+    let r = runs(&got);
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].pid, r[0].cpu, r[0].seq),
+        (10, 0, 3),
+        "RUN carries latest seq"
+    );
+    assert!(matches!(got[0], Message::Hello(_)));
+}
+
+#[test]
+fn acks_drive_task_and_cpu_state() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[
+            task_new(1, 1, 0b11),
+            task_new(2, 1, 0b11),
+            ev(TaskEventKind::Wakeup, 0, 1, 2),
+            ev(TaskEventKind::Wakeup, 0, 2, 2),
+        ],
+    );
+    rt.step();
+    let mut all = g.recv(0);
+    all.extend(g.recv(1));
+    let r = runs(&all);
+    assert_eq!(r.len(), 2);
+    let d1 = r.iter().find(|d| d.pid == 1).unwrap();
+    let d2 = r.iter().find(|d| d.pid == 2).unwrap();
+    // Task 1: OK -> Running. Task 2: STALE -> requeued and dispatched again.
+    g.send(0, &[ack(d1, AckStatus::Ok), ack(d2, AckStatus::Stale)]);
+    rt.step();
+    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Running(d1.cpu));
+    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Running(1));
+    let again = runs(&g.recv(d2.cpu));
+    assert_eq!(again.len(), 1, "stale RUN is retried");
+    assert_eq!(again[0].pid, 2);
+    // NO_TASK removes the task; BLOCKED frees task 1's CPU.
+    g.send(
+        0,
+        &[
+            ack(&again[0], AckStatus::NoTask),
+            ev(TaskEventKind::Blocked, d1.cpu, 1, 3),
+        ],
+    );
+    rt.step();
+    assert!(rt.view().task(2).is_none());
+    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Blocked);
+    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Idle);
+    let m = rt.metrics();
+    assert_eq!(m.acks[AckStatus::Ok as usize], 1);
+    assert_eq!(m.acks[AckStatus::Stale as usize], 1);
+    assert_eq!(m.acks[AckStatus::NoTask as usize], 1);
+    assert_eq!(m.decisions_run, 3);
+    assert_eq!(m.latency.count(), 3);
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&PolicyEvent::TaskDead(2)));
+    assert!(seen.contains(&PolicyEvent::TaskBlocked(1)));
+}
+
+#[test]
+fn runtime_refuses_bad_policy_decisions() {
+    let (mut p, _) = TestPolicy::new("t");
+    p.bogus = vec![
+        Decision::Run {
+            pid: 77,
+            cpu: 0,
+            slice_ns: 0,
+        }, // unknown task
+        Decision::Run {
+            pid: 5,
+            cpu: 1,
+            slice_ns: 0,
+        }, // not allowed on CPU 1
+        Decision::Run {
+            pid: 5,
+            cpu: 9,
+            slice_ns: 0,
+        }, // no such CPU
+    ];
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(5, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 5, 2)],
+    );
+    rt.step();
+    assert_eq!(rt.metrics().policy_rejects, 3);
+    assert_eq!(runs(&g.recv(1)).len(), 0);
+    assert_eq!(
+        runs(&g.recv(0)).len(),
+        1,
+        "the valid decision still goes out"
+    );
+}
+
+#[test]
+fn guest_session_messages() {
+    let (p, _) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let s1 = rt.session_id();
+    // A guest HELLO with an unknown session (driver restart) starts a new session.
+    g.send(
+        0,
+        &[Message::Hello(SessionInfo {
+            session_id: 0,
+            ..Default::default()
+        })],
+    );
+    rt.step();
+    let s2 = rt.session_id();
+    assert_ne!(s1, s2);
+    let hellos: Vec<_> = g
+        .recv(0)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Hello(s) => Some(s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hellos.last().unwrap().session_id, s2);
+    assert_eq!(
+        virtio_milk::protocol::unpack_name(&hellos.last().unwrap().name),
+        "t"
+    );
+    // An echo of the current session does not restart it.
+    g.send(
+        0,
+        &[Message::Hello(SessionInfo {
+            session_id: s2,
+            ..Default::default()
+        })],
+    );
+    rt.step();
+    assert_eq!(rt.session_id(), s2);
+    // The guest's heartbeat reports its local fallbacks.
+    g.send(
+        1,
+        &[Message::Heartbeat(SessionInfo {
+            session_id: s2,
+            counter: 42,
+            cpu: 1,
+            ..Default::default()
+        })],
+    );
+    rt.step();
+    assert_eq!(rt.metrics().guest_fallbacks, 42);
+    // GOODBYE from the guest: tasks are forgotten, a new HELLO is offered.
+    g.send(0, &[task_new(3, 1, 1)]);
+    rt.step();
+    assert!(rt.view().task(3).is_some());
+    g.send(0, &[Message::Goodbye(SessionInfo::default())]);
+    rt.step();
+    assert!(rt.view().task(3).is_none());
+    assert!(rt.session_id() > s2);
+}
+
+#[test]
+fn swap_rebuilds_new_policy_from_the_task_table() {
+    let (p, _) = TestPolicy::new("first");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    // Three runnable tasks on a single allowed CPU: one dispatched, two waiting.
+    g.send(
+        0,
+        &[
+            task_new(1, 1, 1),
+            task_new(2, 1, 1),
+            task_new(3, 1, 1),
+            ev(TaskEventKind::Wakeup, 0, 1, 2),
+        ],
+    );
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Wakeup, 0, 2, 2),
+            ev(TaskEventKind::Wakeup, 0, 3, 2),
+        ],
+    );
+    rt.step();
+    let (p2, _) = TestPolicy::new("second");
+    let counter = p2.attached_runnable.clone();
+    rt.swap_policy(Box::new(p2));
+    assert_eq!(rt.policy_name(), "second");
+    assert_eq!(
+        counter.load(Ordering::Relaxed),
+        2,
+        "new policy saw the runnable tasks"
+    );
+    assert_eq!(rt.metrics().policy_swaps, 1);
+    // Same session; the swap is announced with a HELLO carrying the new name.
+    let got = g.recv(0);
+    let last_hello = got
+        .iter()
+        .rev()
+        .find_map(|m| match m {
+            Message::Hello(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(last_hello.session_id, rt.session_id());
+    assert_eq!(
+        virtio_milk::protocol::unpack_name(&last_hello.name),
+        "second"
+    );
+}
+
+#[test]
+fn threaded_runtime_stops_with_goodbye_and_restarts() {
+    let (p, _) = TestPolicy::new("t");
+    let (mut g, rt) = setup(Box::new(p));
+    let h = rt.spawn().unwrap();
+    // Wait for HELLO.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !got.iter().any(|m| matches!(m, Message::Hello(_))) {
+        assert!(
+            Instant::now() < deadline,
+            "no HELLO from the runtime thread"
+        );
+        got.extend(g.recv(0));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    g.send(0, &[task_new(1, 1, 1), ev(TaskEventKind::Wakeup, 0, 1, 2)]);
+    let mut r = Vec::new();
+    while r.is_empty() {
+        assert!(Instant::now() < deadline, "no RUN from the runtime thread");
+        r = runs(&g.recv(0));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let rt = h.stop().unwrap();
+    let bye = g.recv(0);
+    assert!(bye.iter().any(|m| matches!(m, Message::Goodbye(_))));
+    let s = rt.summary();
+    assert_eq!(s.metrics.decisions_run, 1);
+    assert!(s.to_string().contains("RUN 1"));
+    // Restart on the same engine: a new session begins with HELLO.
+    let (p2, _) = TestPolicy::new("t2");
+    let engine = rt.into_engine();
+    let rt2 = Runtime::new(engine, Box::new(p2), RuntimeConfig::default());
+    let h2 = rt2.spawn().unwrap();
+    let mut hello = None;
+    while hello.is_none() {
+        assert!(Instant::now() < deadline, "no HELLO after restart");
+        hello = g.recv(0).into_iter().find_map(|m| match m {
+            Message::Hello(s) => Some(s),
+            _ => None,
+        });
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        virtio_milk::protocol::unpack_name(&hello.unwrap().name),
+        "t2"
+    );
+    h2.stop().unwrap();
+}
