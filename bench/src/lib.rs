@@ -1,6 +1,7 @@
 //! milk-bench: kernel <-> user-space channels measured side by side with the
 //! same 64-byte message and the same method (see docs/benchmarks.md).
 
+pub mod bpf;
 pub mod channel;
 pub mod channels;
 pub mod clock;

@@ -1,5 +1,6 @@
 //! Every benchmarked channel, one file each, and the default row order.
 
+pub mod bpf_ringbuf;
 pub mod eventfd;
 pub mod futex_ring;
 pub mod mqueue;
@@ -51,5 +52,7 @@ pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
             sq_cpu: opts.poll_cpu,
         }),
         Box::new(uring_msg_ring::UringMsgRing),
+        Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: false }),
+        Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: true }),
     ]
 }
