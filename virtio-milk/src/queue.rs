@@ -179,7 +179,8 @@ pub struct EngineStats {
     pub decision_chains: u64,
     /// Dropped input by reason.
     pub malformed: [u64; Malformed::COUNT],
-    /// Times a decision could not be written because the guest had posted no buffer.
+    /// Times a decision queue ran out of guest buffers while decisions were waiting
+    /// (counted once per episode, not per retry).
     pub decision_queue_empty: u64,
     /// Decisions dropped because a CPU's backlog was full.
     pub backlog_overflow: u64,
@@ -233,6 +234,7 @@ pub struct QueueEngine<M: GuestMemory> {
     events: Vec<Queue>,
     decisions: Vec<Queue>,
     backlog: Vec<VecDeque<[u8; RECORD_SIZE]>>,
+    starved: Vec<bool>,
     kick: EventFd,
     irq: Box<dyn Interrupt>,
     stats: EngineStats,
@@ -290,6 +292,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             events,
             decisions,
             backlog: vec![VecDeque::new(); expected / 2],
+            starved: vec![false; expected / 2],
             kick,
             irq,
             stats: EngineStats::default(),
@@ -465,9 +468,15 @@ impl<M: GuestMemory> QueueEngine<M> {
             if w > 0 {
                 self.maybe_signal(decision_queue_index(cpu as u16), true, cpu);
             }
-            if !self.backlog[cpu].is_empty() {
-                // Out of buffers: ask the driver to kick us when it posts more.
-                self.stats.decision_queue_empty += 1;
+            if self.backlog[cpu].is_empty() {
+                self.starved[cpu] = false;
+            } else {
+                // Out of buffers: ask the driver to kick us when it posts more (re-armed at
+                // the current position every time, counted once per episode).
+                if !self.starved[cpu] {
+                    self.starved[cpu] = true;
+                    self.stats.decision_queue_empty += 1;
+                }
                 let _ = self.decisions[cpu].enable_notification(&self.mem);
             }
         }

@@ -325,6 +325,12 @@ fn decisions_wait_for_buffers_and_ask_for_a_kick() {
     assert!(r.engine.push_decision(1, run_decision(9, 1)));
     assert_eq!(r.engine.flush(), 0, "no buffer posted yet");
     assert_eq!(r.engine.stats().decision_queue_empty, 1);
+    assert_eq!(r.engine.flush(), 0, "still no buffer");
+    assert_eq!(
+        r.engine.stats().decision_queue_empty,
+        1,
+        "one starvation episode, however many retries"
+    );
     assert_eq!(r.engine.backlog_len(), 1);
     // The engine re-armed avail_event, so posting a buffer must kick.
     let b = r.lm.buffer(3, 0);
@@ -335,6 +341,26 @@ fn decisions_wait_for_buffers_and_ask_for_a_kick() {
     );
     assert_eq!(r.engine.flush(), 1);
     assert_eq!(r.engine.backlog_len(), 0);
+    // A partial refill keeps the queue armed: each later repost still kicks.
+    for pid in 10..13 {
+        assert!(r.engine.push_decision(1, run_decision(pid, 1)));
+    }
+    for i in 1..3u64 {
+        r.dq[3]
+            .add_chain(&r.lm.mem, &[(b + 64 * i, 64, true)])
+            .unwrap();
+        let _ = r.dq[3].publish(&r.lm.mem);
+        assert_eq!(r.engine.flush(), 1);
+    }
+    assert_eq!(r.engine.backlog_len(), 1);
+    r.dq[3]
+        .add_chain(&r.lm.mem, &[(b + 64 * 3, 64, true)])
+        .unwrap();
+    assert!(
+        r.dq[3].publish(&r.lm.mem),
+        "re-armed after a partial refill"
+    );
+    assert_eq!(r.engine.flush(), 1);
     // Out-of-range CPU and a full backlog are refused and counted.
     assert!(!r.engine.push_decision(7, run_decision(9, 1)));
     assert_eq!(r.engine.stats().backlog_overflow, 1);
