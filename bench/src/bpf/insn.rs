@@ -158,6 +158,11 @@ impl Asm {
         self.push(insn(JMP_EXIT, 0, 0, 0, 0))
     }
 
+    /// Instruction index of `label`, if defined.
+    pub fn position(&self, label: &str) -> Option<usize> {
+        self.labels.get(label).copied()
+    }
+
     /// Resolves labels: offsets are relative to the next instruction.
     pub fn finish(&self) -> Result<Vec<Insn>, AsmError> {
         let mut out = self.insns.clone();

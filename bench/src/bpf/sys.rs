@@ -2,6 +2,7 @@
 //! the mmap of ring buffer maps. No libbpf: the attr layouts below follow
 //! `union bpf_attr` in include/uapi/linux/bpf.h.
 
+use super::btf::FuncInfo;
 use super::insn::Insn;
 use crate::channel::ChanError;
 use crate::sys::Fd;
@@ -73,7 +74,12 @@ pub fn ringbuf_create(map_type: u32, bytes: u32, name: &str) -> Result<Fd, ChanE
 }
 
 /// Loads a raw-tracepoint program; on rejection the verifier log is included.
-pub fn prog_load(insns: &[Insn], name: &str) -> Result<Fd, ChanError> {
+/// `btf` (fd + func_info records) is needed when the program has callbacks.
+pub fn prog_load(
+    insns: &[Insn],
+    name: &str,
+    btf: Option<(&Fd, &[FuncInfo])>,
+) -> Result<Fd, ChanError> {
     let license = CString::new("GPL").unwrap_or_default();
     let mut log = vec![0u8; 1 << 16];
     let load = |log_level: u32, log: &mut [u8]| {
@@ -91,6 +97,12 @@ pub fn prog_load(insns: &[Insn], name: &str) -> Result<Fd, ChanError> {
         let n = name.as_bytes();
         let len = n.len().min(15);
         a.0[48..48 + len].copy_from_slice(&n[..len]); // prog_name
+        if let Some((fd, funcs)) = btf {
+            a.put_u32(72, fd.0 as u32); // prog_btf_fd
+            a.put_u32(76, std::mem::size_of::<FuncInfo>() as u32);
+            a.put_u64(80, funcs.as_ptr() as u64);
+            a.put_u32(88, funcs.len() as u32);
+        }
         bpf(BPF_PROG_LOAD, &mut a)
     };
     match load(0, &mut log) {

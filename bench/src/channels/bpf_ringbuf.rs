@@ -5,6 +5,7 @@
 //! receiver reads the mmap'ed ring, waiting in epoll_wait (adaptive kernel
 //! wake-up) or busy-polling the producer position (BPF_RB_NO_WAKEUP).
 
+use crate::bpf::btf::FuncInfo;
 use crate::bpf::insn::{helper, Asm, Insn, R0, R1, R10, R2, R3, R6, R7, R8};
 use crate::bpf::ring::{KernelRingConsumer, HDR};
 use crate::bpf::sys::{self, Mmap, MAP_TYPE_RINGBUF};
@@ -169,13 +170,18 @@ impl MsgReceiver for Rx {
 }
 
 /// Loads `insns` and attaches them to the sys_enter raw tracepoint.
-pub fn load_and_attach(map: Fd, insns: &[Insn], name: &str) -> Result<Loaded, ChanError> {
+pub fn load_and_attach(
+    map: Fd,
+    insns: &[Insn],
+    name: &str,
+    btf: Option<(&Fd, &[FuncInfo])>,
+) -> Result<Loaded, ChanError> {
     if !cfg!(target_arch = "x86_64") {
         return Err(ChanError::Unavailable(
             "pt_regs offsets are x86_64-only".into(),
         ));
     }
-    let prog = sys::prog_load(insns, name)?;
+    let prog = sys::prog_load(insns, name, btf)?;
     let link = sys::raw_tracepoint_open("sys_enter", &prog)?;
     Ok(Loaded {
         map,
@@ -203,7 +209,7 @@ impl Channel for BpfRingbuf {
     fn open(&self) -> Result<Pair, ChanError> {
         let map = sys::ringbuf_create(MAP_TYPE_RINGBUF, RB_SIZE as u32, "milk_rb")?;
         let insns = producer_prog(&map, std::process::id() as i32)?;
-        let loaded = Arc::new(load_and_attach(map, &insns, "milk_rb_prod")?);
+        let loaded = Arc::new(load_and_attach(map, &insns, "milk_rb_prod", None)?);
         let pg = sys::page_size();
         let cons = Mmap::map(&loaded.map, pg, 0, libc::PROT_READ)?;
         let prod = Mmap::map(&loaded.map, pg, pg, libc::PROT_READ)?;

@@ -1,6 +1,7 @@
 //! Every benchmarked channel, one file each, and the default row order.
 
 pub mod bpf_ringbuf;
+pub mod bpf_user_ringbuf;
 pub mod eventfd;
 pub mod futex_ring;
 pub mod mqueue;
@@ -54,5 +55,6 @@ pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
         Box::new(uring_msg_ring::UringMsgRing),
         Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: false }),
         Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: true }),
+        Box::new(bpf_user_ringbuf::BpfUserRingbuf),
     ]
 }
