@@ -13,6 +13,8 @@
 //! - [`loopback`]: a driver-side split vring playing the guest on shared memory, used by tests
 //!   and by the benchmark crate ([`loopback::run_loopback`]).
 
+#![warn(missing_docs)]
+
 pub mod loopback;
 pub mod metrics;
 pub mod policy;

@@ -343,7 +343,10 @@ impl<M: GuestMemory> QueueEngine<M> {
         let limit = self.cfg.max_batch * RECORD_SIZE;
         let num_cpus = self.cfg.num_cpus;
         let mut consumed = 0;
-        loop {
+        // At most one ring's worth per pass: a driver that keeps posting cannot starve the
+        // other queues or keep us here forever.
+        let budget = usize::from(self.events[cpu].size());
+        while consumed < budget {
             // One chain at a time: the iterator re-reads avail.idx, bounded by queue size.
             let chain = match self.events[cpu].iter(&self.mem) {
                 Ok(mut it) => it.next(),
