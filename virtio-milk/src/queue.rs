@@ -236,6 +236,8 @@ pub struct QueueEngine<M: GuestMemory> {
     backlog: Vec<VecDeque<[u8; RECORD_SIZE]>>,
     starved: Vec<bool>,
     kick: EventFd,
+    extra_kicks: Vec<EventFd>,
+    pollfds: Vec<libc::pollfd>,
     irq: Box<dyn Interrupt>,
     stats: EngineStats,
     buf: Vec<u8>,
@@ -294,6 +296,8 @@ impl<M: GuestMemory> QueueEngine<M> {
             backlog: vec![VecDeque::new(); expected / 2],
             starved: vec![false; expected / 2],
             kick,
+            extra_kicks: Vec::new(),
+            pollfds: Vec::new(),
             irq,
             stats: EngineStats::default(),
             buf: vec![0u8; max_batch * RECORD_SIZE],
@@ -580,16 +584,33 @@ impl<M: GuestMemory> QueueEngine<M> {
         pending
     }
 
-    /// Sleep until the driver kicks or `timeout` passes. Returns true on a kick.
-    pub fn wait_kick(&self, timeout: Duration) -> Result<bool, EngineError> {
-        let mut pfd = libc::pollfd {
-            fd: self.kick.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
+    /// Also wake up on `fd` (for transports with one notification eventfd per queue, e.g.
+    /// one ivshmem doorbell vector or one KVM ioeventfd datamatch per queue).
+    pub fn add_kick_fd(&mut self, fd: EventFd) {
+        self.extra_kicks.push(fd);
+    }
+
+    /// Sleep until the driver kicks (any kick eventfd) or `timeout` passes. Returns true on
+    /// a kick; every signalled eventfd is drained.
+    pub fn wait_kick(&mut self, timeout: Duration) -> Result<bool, EngineError> {
+        self.pollfds.clear();
+        for fd in std::iter::once(&self.kick).chain(&self.extra_kicks) {
+            self.pollfds.push(libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: pfd is a valid pollfd for the duration of the call and nfds is 1.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: `pollfds` is a valid array of `len` pollfd structs that lives for the whole
+        // call; the kernel only writes the `revents` fields.
+        let r = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                ms,
+            )
+        };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -597,12 +618,24 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
             return Err(EngineError::Kick(e));
         }
-        if r > 0 && pfd.revents & libc::POLLIN != 0 {
-            // Drain the counter; EAGAIN cannot happen after POLLIN on a blocking eventfd.
-            self.kick.read().map_err(EngineError::Kick)?;
-            return Ok(true);
+        let mut kicked = false;
+        for (pfd, fd) in self
+            .pollfds
+            .iter()
+            .zip(std::iter::once(&self.kick).chain(&self.extra_kicks))
+        {
+            if pfd.revents & libc::POLLIN != 0 {
+                kicked = true;
+                // Drain the counter. A non-blocking eventfd drained by someone else in the
+                // meantime returns EAGAIN, which is harmless here.
+                match fd.read() {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(EngineError::Kick(e)),
+                }
+            }
         }
-        Ok(false)
+        Ok(kicked)
     }
 
     /// A clone of the kick eventfd (for transports that register it, e.g. as ioeventfd).

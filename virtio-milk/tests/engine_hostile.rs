@@ -435,3 +435,19 @@ fn without_event_idx_flags_are_used() {
     r.dq[0].add_chain(&r.lm.mem, &[(a, 64, false)]).unwrap();
     assert!(r.dq[0].publish(&r.lm.mem));
 }
+
+#[test]
+fn per_queue_kick_fds_wake_the_engine() {
+    let mut r = rig(true);
+    let q3 = EventFd::new(EFD_NONBLOCK).unwrap();
+    r.engine.add_kick_fd(q3.try_clone().unwrap());
+    let t = std::time::Duration::from_millis(20);
+    assert!(!r.engine.wait_kick(t).unwrap(), "nothing kicked yet");
+    q3.write(1).unwrap();
+    assert!(r.engine.wait_kick(t).unwrap());
+    assert!(!r.engine.wait_kick(t).unwrap(), "the kick was drained");
+    r.kick.write(1).unwrap();
+    q3.write(1).unwrap();
+    assert!(r.engine.wait_kick(t).unwrap());
+    assert!(!r.engine.wait_kick(t).unwrap(), "both drained in one wait");
+}
