@@ -67,16 +67,19 @@ impl Policy for TestPolicy {
             .map(|t| t.pid)
             .collect();
         runnable.sort_unstable();
-        let mut it = runnable.into_iter();
         for cpu in view.free_cpus() {
-            let Some(pid) = it.next() else { break };
-            if view.task(pid).is_some_and(|t| t.allows(cpu)) {
-                out.push(Decision::Run {
-                    pid,
-                    cpu,
-                    slice_ns: 0,
-                });
-            }
+            let Some(i) = runnable
+                .iter()
+                .position(|&pid| view.task(pid).is_some_and(|t| t.allows(cpu)))
+            else {
+                continue;
+            };
+            let pid = runnable.remove(i);
+            out.push(Decision::Run {
+                pid,
+                cpu,
+                slice_ns: 0,
+            });
         }
     }
 }
@@ -504,4 +507,103 @@ fn threaded_runtime_stops_with_goodbye_and_restarts() {
         "t2"
     );
     h2.stop().unwrap();
+}
+
+#[test]
+fn preempt_yield_affinity_priority_and_cpu_events() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    // CPU 1 is busy with something the host does not schedule.
+    g.send(
+        1,
+        &[Message::CpuBusy {
+            cpu: 1,
+            pid: 0,
+            ts_ns: 0,
+        }],
+    );
+    g.send(
+        0,
+        &[task_new(1, 1, 0b11), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    assert_eq!(rt.view().cpus[1], CpuState::Running(0));
+    let r = runs(&g.recv(0));
+    assert_eq!((r.len(), r[0].cpu), (1, 0), "only CPU 0 is free");
+    // CPU_IDLE on a committed CPU does not free it; the ack decides.
+    g.send(0, &[Message::CpuIdle { cpu: 0, ts_ns: 0 }]);
+    rt.step();
+    assert_eq!(rt.view().cpus[0], CpuState::Committed(1));
+    g.send(0, &[ack(&r[0], AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.view().cpus[0], CpuState::Running(1));
+    // Preempted: runnable again, CPU 0 freed, dispatched again.
+    g.send(0, &[ev(TaskEventKind::Preempt, 0, 1, 3)]);
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].seq, 3);
+    g.send(0, &[ack(&r[0], AckStatus::Ok)]);
+    rt.step();
+    // Yield: same story.
+    g.send(0, &[ev(TaskEventKind::Yield, 0, 1, 4)]);
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!((r.len(), r[0].seq), (1, 4));
+    g.send(0, &[ack(&r[0], AckStatus::Ok)]);
+    rt.step();
+    // Affinity to CPU 1 only, priority change, block, CPU 1 idles, wake: RUN on CPU 1.
+    g.send(
+        0,
+        &[
+            Message::TaskAffinity {
+                cpu: 0,
+                pid: 1,
+                seq: 5,
+                ts_ns: 0,
+                cpus_allowed: 0b10,
+            },
+            Message::TaskPriority {
+                cpu: 0,
+                pid: 1,
+                seq: 6,
+                ts_ns: 0,
+                weight: 250,
+                nice: -3,
+            },
+            ev(TaskEventKind::Blocked, 0, 1, 7),
+        ],
+    );
+    g.send(1, &[Message::CpuIdle { cpu: 1, ts_ns: 0 }]);
+    rt.step();
+    let t = rt.view().task(1).unwrap();
+    assert_eq!((t.cpus_allowed, t.weight, t.nice), (0b10, 250, -3));
+    assert_eq!(rt.view().cpus[0], CpuState::Idle, "blocking freed CPU 0");
+    g.send(0, &[ev(TaskEventKind::Wakeup, 0, 1, 8)]);
+    rt.step();
+    assert!(runs(&g.recv(0)).is_empty(), "CPU 0 is no longer allowed");
+    let r = runs(&g.recv(1));
+    assert_eq!((r.len(), r[0].cpu, r[0].seq), (1, 1, 8));
+    // Dead while dispatched: the ack comes back STALE; task gone, CPU 1 freed.
+    g.send(
+        1,
+        &[
+            ev(TaskEventKind::Dead, 1, 1, 9),
+            ack(&r[0], AckStatus::Stale),
+        ],
+    );
+    rt.step();
+    assert!(rt.view().task(1).is_none());
+    assert_eq!(rt.view().cpus[1], CpuState::Idle);
+    assert_eq!(rt.metrics().stale_events, 0);
+    let seen = seen.lock().unwrap();
+    for want in [
+        PolicyEvent::TaskAffinity(1),
+        PolicyEvent::TaskPriority(1),
+        PolicyEvent::CpuBusy(1),
+        PolicyEvent::TaskDead(1),
+    ] {
+        assert!(seen.contains(&want), "policy never saw {want:?}");
+    }
 }
