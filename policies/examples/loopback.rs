@@ -15,16 +15,23 @@ use virtio_milk::loopback::{run_loopback, LoopbackConfig, NotifyMode};
 enum Mode {
     Notify,
     Poll,
+    Hybrid,
+    /// Notify and poll.
     Both,
+    /// Notify, poll and hybrid.
+    All,
 }
 
 /// virtio-milk loopback benchmark (FIFO policy, simulated guest on shared memory).
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Notification mode, polling mode, or both.
+    /// Notification mode, polling mode, hybrid (spin then sleep), or several.
     #[arg(long, value_enum, default_value = "both")]
     mode: Mode,
+    /// Spin budget of hybrid mode, in microseconds.
+    #[arg(long, default_value_t = 50)]
+    spin_us: u64,
     /// Batch sizes (records per buffer), comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     batch: Vec<usize>,
@@ -52,10 +59,13 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn main() {
     let args = Args::parse();
-    let modes: &[NotifyMode] = match args.mode {
-        Mode::Notify => &[NotifyMode::Notification],
-        Mode::Poll => &[NotifyMode::Polling],
-        Mode::Both => &[NotifyMode::Notification, NotifyMode::Polling],
+    let hybrid = NotifyMode::Hybrid(Duration::from_micros(args.spin_us));
+    let modes: Vec<NotifyMode> = match args.mode {
+        Mode::Notify => vec![NotifyMode::Notification],
+        Mode::Poll => vec![NotifyMode::Polling],
+        Mode::Hybrid => vec![hybrid],
+        Mode::Both => vec![NotifyMode::Notification, NotifyMode::Polling],
+        Mode::All => vec![NotifyMode::Notification, NotifyMode::Polling, hybrid],
     };
     println!(
         "cpus={} tasks={} runs={} repeat={} policy={}",
@@ -71,7 +81,7 @@ fn main() {
         "rec/buf",
         "errors"
     );
-    for &mode in modes {
+    for &mode in &modes {
         for &batch in &args.batch {
             let (mut p50, mut p99, mut tput) = (Vec::new(), Vec::new(), Vec::new());
             let mut per_buf = 0.0;
@@ -119,7 +129,10 @@ fn main() {
             let (tlo, thi) = range(&tput);
             println!(
                 "{:<13} {:>5} {:>22} {:>22} {:>26} {:>8.2} {:>7}",
-                format!("{mode:?}"),
+                match mode {
+                    NotifyMode::Hybrid(d) => format!("Hybrid{}us", d.as_micros()),
+                    m => format!("{m:?}"),
+                },
                 batch,
                 format!("{:.2} ({:.2}..{:.2})", median(&mut p50), p50lo, p50hi),
                 format!("{:.2} ({:.2}..{:.2})", median(&mut p99), p99lo, p99hi),

@@ -119,3 +119,17 @@ fn policy_swap_mid_run_is_only_a_pause() {
     assert_eq!(s.hellos, 2);
     assert_eq!(s.host.metrics.msgs_by_type[usize::from(msg::TASK_NEW)], 16);
 }
+
+#[test]
+fn hybrid_mode_spins_then_sleeps() {
+    let cfg = LoopbackConfig {
+        num_cpus: 2,
+        tasks: 4,
+        batch: 8,
+        mode: NotifyMode::Hybrid(Duration::from_micros(50)),
+        runs: 3_000,
+        ..Default::default()
+    };
+    let s = run_loopback(cfg, fifo()).expect("loopback run");
+    check_clean(&s, 3_000, 4);
+}
