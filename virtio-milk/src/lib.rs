@@ -7,6 +7,8 @@
 //!   `include/virtio_milk.h`).
 //! - [`queue`]: device-side virtqueue engine (pop/validate events, push decisions,
 //!   EVENT_IDX, interrupts), transport agnostic.
+//! - [`device`]: the transport-facing device model (ID, features, config space, activate /
+//!   reset) shared by the virtio-mmio and ivshmem transports.
 //! - [`runtime`]: task table, seq tracking, polling loop, policy hosting and swap.
 //! - [`policy`]: the `Policy` trait and the data a policy sees.
 //! - [`metrics`]: counters and the event -> decision latency histogram.
@@ -15,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod device;
 pub mod loopback;
 pub mod metrics;
 pub mod policy;

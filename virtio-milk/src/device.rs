@@ -1,0 +1,264 @@
+//! Transport-facing device model: what a virtio transport (virtio-mmio in milk-vmm, the
+//! ivshmem transport under QEMU) needs to expose virtio-milk, in one place so both
+//! transports behave the same.
+//!
+//! The transport owns registers, feature negotiation bookkeeping and queue address
+//! collection; at DRIVER_OK it calls [`MilkDevice::activate`] with the guest memory, the
+//! queues the driver configured, its kick eventfd(s) and an interrupt callback. The device
+//! then runs a [`Runtime`] thread with a policy from the factory. A device reset (status 0)
+//! or VMM exit calls [`MilkDevice::reset`], which stops the runtime (GOODBYE to the guest)
+//! and returns the run's [`Summary`].
+
+use vm_memory::{ByteValued, GuestMemory};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::metrics::Summary;
+use crate::policy::Policy;
+use crate::protocol::{
+    Config, DEVICE_FEATURES, MAX_CPUS, QUEUES_PER_CPU, VIRTIO_F_VERSION_1, VIRTIO_ID_MILK,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::queue::{EngineConfig, EngineError, Interrupt, QueueConfig, QueueEngine};
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, RuntimeHandle};
+
+/// Makes a fresh policy instance (e.g. `|| milk_policies::by_name("fifo").unwrap()`).
+pub type PolicyFactory = Box<dyn Fn() -> Box<dyn Policy> + Send>;
+
+/// Device errors.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// CPU count out of range.
+    #[error("unsupported cpu count {0}")]
+    CpuCount(u32),
+    /// The driver did not accept VIRTIO_F_VERSION_1.
+    #[error("driver did not negotiate VIRTIO_F_VERSION_1")]
+    NoVersion1,
+    /// Activation while already active.
+    #[error("device already active")]
+    AlreadyActive,
+    /// Queue setup rejected.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Runtime thread failure.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// The virtio-milk device. See the module documentation.
+pub struct MilkDevice<M: GuestMemory + Send + 'static> {
+    num_cpus: u32,
+    config: Config,
+    acked_features: u64,
+    queue_max_size: u16,
+    factory: PolicyFactory,
+    runtime_cfg: RuntimeConfig,
+    running: Option<RuntimeHandle<M>>,
+    extra_kicks: Vec<EventFd>,
+}
+
+impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
+    /// A device for a guest with `num_cpus` CPUs.
+    pub fn new(
+        num_cpus: u32,
+        factory: PolicyFactory,
+        runtime_cfg: RuntimeConfig,
+    ) -> Result<Self, DeviceError> {
+        if num_cpus == 0 || num_cpus > MAX_CPUS {
+            return Err(DeviceError::CpuCount(num_cpus));
+        }
+        let mut config = Config::new(num_cpus);
+        if let Some(hb) = runtime_cfg.heartbeat {
+            config.heartbeat_ms = (hb.as_millis().min(u128::from(u32::MAX)) as u32).into();
+        }
+        Ok(MilkDevice {
+            num_cpus,
+            config,
+            acked_features: 0,
+            queue_max_size: 256,
+            factory,
+            runtime_cfg,
+            running: None,
+            extra_kicks: Vec::new(),
+        })
+    }
+
+    /// virtio device ID.
+    pub fn device_id(&self) -> u32 {
+        VIRTIO_ID_MILK
+    }
+
+    /// Features offered.
+    pub fn device_features(&self) -> u64 {
+        DEVICE_FEATURES
+    }
+
+    /// Record the driver's features (bits not offered are dropped).
+    pub fn ack_features(&mut self, features: u64) {
+        self.acked_features = features & DEVICE_FEATURES;
+    }
+
+    /// Features in effect.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// Number of virtqueues (two per CPU).
+    pub fn num_queues(&self) -> usize {
+        self.num_cpus as usize * usize::from(QUEUES_PER_CPU)
+    }
+
+    /// Largest queue size offered (QueueNumMax).
+    pub fn queue_max_size(&self) -> u16 {
+        self.queue_max_size
+    }
+
+    /// Config space bytes.
+    pub fn config_space(&self) -> &[u8] {
+        self.config.as_slice()
+    }
+
+    /// Read config space at `offset` into `data`; bytes past the end read as 0.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.config_space();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| cfg.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    /// Also wake the runtime on `fd` (per-queue notification eventfds); takes effect at the
+    /// next activation.
+    pub fn add_kick_fd(&mut self, fd: EventFd) {
+        self.extra_kicks.push(fd);
+    }
+
+    /// Whether a runtime is serving the queues.
+    pub fn is_active(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// DRIVER_OK: start serving `queues` (index 2c event, 2c+1 decision) with a fresh policy.
+    pub fn activate(
+        &mut self,
+        mem: M,
+        queues: &[QueueConfig],
+        kick: EventFd,
+        irq: Box<dyn Interrupt>,
+    ) -> Result<(), DeviceError> {
+        if self.running.is_some() {
+            return Err(DeviceError::AlreadyActive);
+        }
+        if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
+            return Err(DeviceError::NoVersion1);
+        }
+        let mut ecfg = EngineConfig::new(self.num_cpus);
+        ecfg.event_idx = self.acked_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0;
+        ecfg.max_queue_size = self.queue_max_size;
+        ecfg.max_batch = usize::from(u16::from(self.config.max_batch));
+        if self.acked_features & (1 << crate::protocol::VIRTIO_MILK_F_BATCH) == 0 {
+            ecfg.max_batch = 1;
+        }
+        let mut engine = QueueEngine::new(mem, ecfg, queues, kick, irq)?;
+        for fd in &self.extra_kicks {
+            engine.add_kick_fd(fd.try_clone().map_err(RuntimeError::Setup)?);
+        }
+        let rt = Runtime::new(engine, (self.factory)(), self.runtime_cfg);
+        self.running = Some(rt.spawn()?);
+        Ok(())
+    }
+
+    /// Hot-swap the policy of the running runtime (no-op when inactive).
+    pub fn swap_policy(&self, policy: Box<dyn Policy>) {
+        if let Some(h) = &self.running {
+            h.swap_policy(policy);
+        }
+    }
+
+    /// Device reset or shutdown: stop the runtime (GOODBYE) and return its summary.
+    pub fn reset(&mut self) -> Result<Option<Summary>, DeviceError> {
+        self.acked_features = 0;
+        match self.running.take() {
+            Some(h) => Ok(Some(h.stop()?.summary())),
+            None => Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, PolicyEvent, SchedView};
+    use vm_memory::GuestMemoryMmap;
+
+    struct Idle;
+    impl Policy for Idle {
+        fn name(&self) -> &str {
+            "idle"
+        }
+        fn attach(&mut self, _: &SchedView) {}
+        fn on_event(&mut self, _: &PolicyEvent, _: &SchedView) {}
+        fn schedule(&mut self, _: &SchedView, _: &mut Vec<Decision>) {}
+    }
+
+    fn dev(n: u32) -> Result<MilkDevice<GuestMemoryMmap>, DeviceError> {
+        MilkDevice::new(n, Box::new(|| Box::new(Idle)), RuntimeConfig::default())
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        assert!(matches!(dev(0), Err(DeviceError::CpuCount(0))));
+        assert!(matches!(dev(65), Err(DeviceError::CpuCount(65))));
+        let mut d = dev(3).unwrap();
+        assert_eq!(d.device_id(), 58);
+        assert_eq!(d.num_queues(), 6);
+        let mut b = [0u8; 4];
+        d.read_config(0, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 3);
+        let mut b = [0xffu8; 4];
+        d.read_config(14, &mut b);
+        assert_eq!(b, [0, 0, 0, 0], "heartbeat high bytes, then past the end");
+        d.read_config(u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
+        d.ack_features(u64::MAX);
+        assert_eq!(d.acked_features(), DEVICE_FEATURES);
+    }
+
+    #[test]
+    fn activation_needs_version_1_and_reset_stops() {
+        use crate::loopback::LoopbackMemory;
+        use vmm_sys_util::eventfd::EFD_NONBLOCK;
+        let lm = LoopbackMemory::new(2, 16, 256).unwrap();
+        let mut d = dev(2).unwrap();
+        let irq = || -> Box<dyn Interrupt> { Box::new(|_q: u16| Ok(())) };
+        let kick = || EventFd::new(EFD_NONBLOCK).unwrap();
+        assert!(matches!(
+            d.activate(lm.mem.clone(), &lm.queues, kick(), irq()),
+            Err(DeviceError::NoVersion1)
+        ));
+        d.ack_features(1 << VIRTIO_F_VERSION_1);
+        // Bad queue layout is refused.
+        assert!(matches!(
+            d.activate(lm.mem.clone(), &lm.queues[..2], kick(), irq()),
+            Err(DeviceError::Engine(_))
+        ));
+        d.activate(lm.mem.clone(), &lm.queues, kick(), irq())
+            .unwrap();
+        assert!(d.is_active());
+        assert!(matches!(
+            d.activate(lm.mem.clone(), &lm.queues, kick(), irq()),
+            Err(DeviceError::AlreadyActive)
+        ));
+        let s = d
+            .reset()
+            .unwrap()
+            .expect("a summary from the stopped runtime");
+        assert_eq!(s.policy, "idle");
+        assert!(s.metrics.session_sent >= 2, "HELLO and GOODBYE");
+        assert!(!d.is_active());
+        assert!(d.reset().unwrap().is_none());
+    }
+}
