@@ -324,11 +324,17 @@ pub fn smoke_config() -> RunConfig {
 /// Test helper: runs a channel at small N and checks the run is complete.
 #[cfg(test)]
 pub fn check_channel(ch: &dyn Channel) {
+    check_channel_with(ch, &smoke_config());
+}
+
+/// Test helper with a custom configuration (e.g. enough messages to wrap
+/// and fill a ring several times).
+#[cfg(test)]
+pub fn check_channel_with(ch: &dyn Channel, cfg: &RunConfig) {
     // Channel tests pin to the same two CPUs; run them one at a time.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let cfg = smoke_config();
-    let r = run_once(ch, &cfg).unwrap_or_else(|e| panic!("{}: {e}", ch.name()));
+    let r = run_once(ch, cfg).unwrap_or_else(|e| panic!("{}: {e}", ch.name()));
     assert_eq!(r.latency_ns.len() as u64, cfg.lat_msgs, "{}", ch.name());
     assert!(r.tput_msgs >= 1, "{}", ch.name());
     assert!(r.tput_wall_ns > 0, "{}", ch.name());

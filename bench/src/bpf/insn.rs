@@ -37,6 +37,8 @@ const ALU64_RSH_K: u8 = 0x77;
 const JMP_JA: u8 = 0x05;
 const JMP_JEQ_K: u8 = 0x15;
 const JMP_JNE_K: u8 = 0x55;
+const JMP_JLT_K: u8 = 0xa5;
+const STX_MEM_DW: u8 = 0x7b;
 const JMP_CALL: u8 = 0x85;
 const JMP_EXIT: u8 = 0x95;
 
@@ -53,6 +55,7 @@ pub mod helper {
     pub const RINGBUF_RESERVE: i32 = 131;
     pub const RINGBUF_SUBMIT: i32 = 132;
     pub const RINGBUF_DISCARD: i32 = 133;
+    pub const RINGBUF_QUERY: i32 = 134;
     pub const DYNPTR_READ: i32 = 201;
     pub const USER_RINGBUF_DRAIN: i32 = 209;
 }
@@ -120,6 +123,11 @@ impl Asm {
         self.push(insn(LDX_MEM_DW, dst, src, off, 0))
     }
 
+    /// *(u64 *)(dst + off) = src
+    pub fn stx_dw(&mut self, dst: Reg, src: Reg, off: i16) -> &mut Self {
+        self.push(insn(STX_MEM_DW, dst, src, off, 0))
+    }
+
     /// dst = map (by fd), relocated by the kernel to the map pointer.
     pub fn ld_map_fd(&mut self, dst: Reg, fd: i32) -> &mut Self {
         self.push(insn(LD_IMM_DW, dst, PSEUDO_MAP_FD, 0, fd));
@@ -144,6 +152,11 @@ impl Asm {
 
     pub fn jne_imm(&mut self, dst: Reg, imm: i32, label: &'static str) -> &mut Self {
         self.jump(JMP_JNE_K, dst, imm, label)
+    }
+
+    /// Unsigned `if dst < imm goto label`.
+    pub fn jlt_imm(&mut self, dst: Reg, imm: i32, label: &'static str) -> &mut Self {
+        self.jump(JMP_JLT_K, dst, imm, label)
     }
 
     pub fn ja(&mut self, label: &'static str) -> &mut Self {

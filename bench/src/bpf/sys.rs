@@ -58,7 +58,7 @@ fn refused(what: &str, e: std::io::Error) -> ChanError {
         )),
         Some(libc::ENOSYS) => ChanError::Unavailable(format!("{what}: kernel built without CONFIG_BPF_SYSCALL")),
         Some(libc::EINVAL) => ChanError::Unavailable(format!("{what}: rejected by this kernel (EINVAL: too old?)")),
-        _ => ChanError::io("bpf", e),
+        _ => ChanError::Protocol(format!("{what}: {e}")),
     }
 }
 
@@ -116,11 +116,11 @@ pub fn prog_load(
             let text = text.trim_end_matches('\0');
             let tail: Vec<&str> = text.lines().rev().take(3).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            if e.raw_os_error() == Some(libc::EACCES) && text.is_empty() {
+            if text.is_empty() {
                 return Err(refused("BPF_PROG_LOAD", e));
             }
             Err(ChanError::Unavailable(format!(
-                "verifier rejected {name}: {}",
+                "verifier rejected {name} ({e}): {}",
                 tail.join(" / ")
             )))
         }

@@ -260,6 +260,16 @@ mod tests {
     }
 
     #[test]
+    fn bpf_ringbuf_survives_full_ring() {
+        let cfg = crate::runner::RunConfig {
+            tput_max_msgs: 50_000,
+            tput_ms: 2000,
+            ..crate::runner::smoke_config()
+        };
+        crate::runner::check_channel_with(&BpfRingbuf { busy_poll: true }, &cfg);
+    }
+
+    #[test]
     fn bpf_ringbuf_busy_poll_delivers_all_in_order() {
         crate::runner::check_channel(&BpfRingbuf { busy_poll: true });
     }
