@@ -15,18 +15,10 @@
 #ifndef _UAPI_LINUX_VIRTIO_MILK_H
 #define _UAPI_LINUX_VIRTIO_MILK_H
 
-#if defined(__KERNEL__)
+#ifndef VIRTIO_MILK_FORCE_FALLBACK_TYPES
 #include <linux/types.h>
-#define VIRTIO_MILK_HAVE_LINUX_TYPES 1
-#elif defined(__has_include) && !defined(VIRTIO_MILK_FORCE_FALLBACK_TYPES)
-#if __has_include(<linux/types.h>)
-#include <linux/types.h>
-#define VIRTIO_MILK_HAVE_LINUX_TYPES 1
-#endif
-#endif
-
-#ifndef VIRTIO_MILK_HAVE_LINUX_TYPES
-/* User-space fallback without kernel uapi headers. */
+#else
+/* User space without kernel uapi headers. */
 #include <stdint.h>
 typedef uint8_t __u8;
 typedef uint16_t __le16;
