@@ -1,10 +1,10 @@
 /* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR BSD-3-Clause */
 /*
- * virtio_ivshmem.h - a virtio transport over the ivshmem-doorbell PCI device.
+ * A virtio transport over the ivshmem-doorbell PCI device.
  *
- * Canonical copy: guest-kernel/include/uapi/linux/virtio_ivshmem.h in the
- * MiLK repository; the guest patch series carries it verbatim and the host
- * (vmm/src/ivshmem/regs.rs) mirrors it, checked by a test that compiles
+ * The canonical copy lives in the MiLK repository under guest-kernel/include;
+ * the guest patch series carries it verbatim and the host
+ * (vmm/ivshmem/src/regs.rs) mirrors it, checked by a test that compiles
  * this header. Prose: docs/transport-ivshmem.md.
  *
  * The device's shared memory (BAR2) starts with struct virtio_ivshmem_regs,
@@ -60,8 +60,7 @@ struct virtio_ivshmem_regs {
 	__le32 vendor_id;		/* 0x0c device */
 	__le64 device_features;		/* 0x10 device: offered features */
 	__le64 driver_features;		/* 0x18 driver: accepted features */
-	__le32 status;			/* 0x20 driver; device clears FEATURES_OK
-					 *      to refuse, writes 0 after a reset */
+	__le32 status;			/* 0x20 driver (device: see docs) */
 	__le32 config_generation;	/* 0x24 device */
 	__le32 num_queues;		/* 0x28 device */
 	__le32 host_peer;		/* 0x2c device: ivshmem ID to ring */
