@@ -5,6 +5,7 @@ pub mod bpf_user_ringbuf;
 pub mod eventfd;
 pub mod futex_ring;
 pub mod mqueue;
+pub mod netlink_proc;
 pub mod pipe;
 pub mod signal;
 pub mod spin_ring;
@@ -56,5 +57,6 @@ pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
         Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: false }),
         Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: true }),
         Box::new(bpf_user_ringbuf::BpfUserRingbuf),
+        Box::new(netlink_proc::NetlinkProc),
     ]
 }
