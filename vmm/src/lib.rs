@@ -1,1 +1,21 @@
-//! milk-vmm
+//! milk-vmm: a small rust-vmm based VMM that boots the MiLK guest under KVM,
+//! with a virtio-mmio bus and a QEMU TCG fallback engine.
+//!
+//! Module map (Firecracker style):
+//! - [`layout`]: every fixed guest address, IRQ and port.
+//! - [`memory`]: memfd-backed guest RAM.
+//! - [`boot`]: kernel/initramfs loading, zero page / PVH start info, e820, MP table.
+//! - [`cmdline`]: kernel command line building.
+//! - [`cpu`]: per-vCPU registers, page tables, CPUID, MSRs, LAPIC.
+//! - [`devices`]: buses, COM1, i8042, virtio-mmio transport and devices.
+//! - [`exit`]: why the VM stopped.
+
+#![deny(missing_docs)]
+
+pub mod boot;
+pub mod cmdline;
+pub mod cpu;
+pub mod devices;
+pub mod exit;
+pub mod layout;
+pub mod memory;

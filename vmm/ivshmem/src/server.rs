@@ -174,13 +174,16 @@ impl IvshmemServer {
 
     /// Accepts a pending connection and sends it the set-up messages.
     ///
-    /// Returns the new [`Session`] (the host's per-queue kick eventfds and the
-    /// guest's interrupt eventfds) for the device, or `None` if no connection
-    /// was pending or it was refused because a guest is already connected.
-    pub fn accept(&mut self) -> Result<Option<Session>, ServerError> {
+    /// `on_connect` receives the new [`Session`] (the host's per-queue kick
+    /// eventfds and the guest's interrupt eventfds) *before* the client gets
+    /// the shared memory, so the device can publish a fresh register file
+    /// that no client has seen yet. Returns true if a client was connected;
+    /// false if no connection was pending or it was refused because a guest is
+    /// already connected. After an error no client is connected.
+    pub fn accept(&mut self, on_connect: impl FnOnce(Session)) -> Result<bool, ServerError> {
         let stream = match self.listener.accept() {
             Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
             Err(e) => return Err(ServerError::Accept(e)),
         };
         if let Some(c) = &self.client {
@@ -188,37 +191,43 @@ impl IvshmemServer {
                 "ivshmem: refusing a second client while client {} is connected",
                 c.id
             );
-            return Ok(None);
+            return Ok(false);
         }
         let id = self.allocate_id();
         let guest_fds = (0..self.host_fds.len())
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ServerError::EventFd)?;
-        // Kicks rung before this guest existed mean nothing.
-        for fd in &self.host_fds {
-            let _ = fd.read();
-        }
-        self.handshake(&stream, id, &guest_fds)
-            .map_err(|e| ServerError::Handshake(id, e))?;
-        stream
-            .set_nonblocking(true)
-            .map_err(|e| ServerError::Handshake(id, e))?;
         let kicks = self.host_fds[1..]
             .iter()
             .map(EventFd::try_clone)
             .collect::<Result<Vec<_>, _>>()
             .map_err(ServerError::EventFd)?;
+        let theirs = guest_fds
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ServerError::EventFd)?;
+        // Kicks rung before this guest existed mean nothing.
+        for fd in &self.host_fds {
+            let _ = fd.read();
+        }
+        on_connect(Session {
+            kicks,
+            interrupts: Interrupts::new(guest_fds),
+        });
+        self.handshake(&stream, id, &theirs)
+            .map_err(|e| ServerError::Handshake(id, e))?;
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| ServerError::Handshake(id, e))?;
         log::info!(
             "ivshmem: client {id} connected ({} vectors, host peer {})",
             self.host_fds.len(),
             self.host_peer
         );
         self.client = Some(Client { stream, id });
-        Ok(Some(Session {
-            kicks,
-            interrupts: Interrupts::new(guest_fds),
-        }))
+        Ok(true)
     }
 
     fn handshake(&self, s: &UnixStream, id: u16, guest_fds: &[EventFd]) -> io::Result<()> {

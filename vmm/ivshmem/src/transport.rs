@@ -220,10 +220,13 @@ impl<B: Backend> IvshmemTransport<B> {
             return Ok(false);
         }
         if fds[1].revents != 0 {
-            match self.server.accept() {
-                Ok(Some(session)) => self.device.connect(session),
-                Ok(None) => {}
-                Err(e) => log::error!("ivshmem: {e}"),
+            let device = &mut self.device;
+            let connected = self.server.accept(|session| device.connect(session));
+            if let Err(e) = connected {
+                log::error!("ivshmem: {e}");
+                if self.server.client_id().is_none() {
+                    self.device.disconnect();
+                }
             }
         }
         let requested = fds[2].revents != 0

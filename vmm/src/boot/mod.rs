@@ -1,0 +1,361 @@
+//! Loading the kernel, initramfs and command line, and writing the boot
+//! information the kernel expects.
+//!
+//! Two entry paths are supported:
+//! - **PVH**: an ELF `vmlinux` with a `XEN_ELFNOTE_PHYS32_ENTRY` note is entered
+//!   in 32-bit protected mode, paging off, with `%ebx` pointing at an
+//!   `hvm_start_info`.
+//! - **Linux 64-bit boot protocol**: a bzImage (entered at `startup_64`, 0x200
+//!   past the protected-mode kernel) or an ELF without a PVH note (entered at
+//!   `e_entry`), in long mode with identity-mapped page tables and `%rsi`
+//!   pointing at the zero page.
+
+pub mod mptable;
+pub mod params;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use crate::layout::{CMDLINE_START, HIMEM_START, PAGE_SIZE};
+use crate::memory::low_ram_end;
+pub use params::{E820Entry, InitrdInfo};
+
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMode {
+    /// PVH: 32-bit protected mode, paging off, `%ebx` = start info.
+    Pvh,
+    /// Linux 64-bit boot protocol: long mode, `%rsi` = zero page.
+    Linux64,
+}
+
+/// Kernel image format detected from its first bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// ELF executable (vmlinux or a freestanding guest).
+    Elf,
+    /// bzImage with a Linux setup header.
+    BzImage,
+}
+
+/// Result of loading a kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedKernel {
+    /// Detected format.
+    pub format: KernelFormat,
+    /// Entry protocol.
+    pub mode: EntryMode,
+    /// Entry point (guest physical).
+    pub entry: GuestAddress,
+    /// First byte past the loaded image.
+    pub end: u64,
+    /// bzImage setup header.
+    pub setup_header: Option<setup_header>,
+}
+
+/// Errors while loading boot artifacts.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// The kernel file cannot be opened/read.
+    #[error("cannot read kernel {path}: {err}")]
+    KernelIo {
+        /// Path given by the user.
+        path: String,
+        /// Underlying error.
+        err: std::io::Error,
+    },
+    /// The kernel is neither a valid ELF nor a bzImage, or does not fit.
+    #[error("kernel {path} is not a loadable x86_64 ELF or bzImage: {err}")]
+    KernelFormat {
+        /// Path given by the user.
+        path: String,
+        /// Loader error.
+        err: linux_loader::loader::Error,
+    },
+    /// The kernel is empty or too short to contain a header.
+    #[error("kernel {0} is too short to be an ELF or bzImage")]
+    KernelTooShort(String),
+    /// The initramfs cannot be opened/read.
+    #[error("cannot read initramfs {path}: {err}")]
+    InitrdIo {
+        /// Path given by the user.
+        path: String,
+        /// Underlying error.
+        err: std::io::Error,
+    },
+    /// The initramfs does not fit between the kernel and the end of low RAM.
+    #[error("initramfs of {size} bytes does not fit in guest memory ({free} bytes free above the kernel)")]
+    InitrdTooLarge {
+        /// Initramfs size.
+        size: u64,
+        /// Bytes available.
+        free: u64,
+    },
+    /// The command line could not be written.
+    #[error("cannot write kernel command line: {0}")]
+    Cmdline(linux_loader::loader::Error),
+    /// Writing zero page / start info failed.
+    #[error(transparent)]
+    Params(#[from] params::ParamsError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+}
+
+/// Detects the kernel format from the first bytes of the file.
+pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
+    if head.len() >= 4 && head[0..4] == [0x7f, b'E', b'L', b'F'] {
+        return Some(KernelFormat::Elf);
+    }
+    // Setup header magic "HdrS" at offset 0x202.
+    if head.len() >= 0x206 && &head[0x202..0x206] == b"HdrS" {
+        return Some(KernelFormat::BzImage);
+    }
+    None
+}
+
+/// Loads the kernel at `path` into guest memory.
+pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
+    let p = path.display().to_string();
+    let io = |err| BootError::KernelIo {
+        path: p.clone(),
+        err,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    if file.metadata().map_err(io)?.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        )));
+    }
+    let mut head = vec![0u8; 0x400];
+    let n = read_up_to(&mut file, &mut head).map_err(io)?;
+    head.truncate(n);
+    file.seek(SeekFrom::Start(0)).map_err(io)?;
+    let format = match detect_format(&head) {
+        Some(f) => f,
+        None if n < 4 => return Err(BootError::KernelTooShort(p)),
+        None => {
+            return Err(BootError::KernelFormat {
+                path: p,
+                err: linux_loader::loader::Error::Elf(
+                    linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+                ),
+            })
+        }
+    };
+    let fmt_err = |err| BootError::KernelFormat {
+        path: p.clone(),
+        err,
+    };
+    match format {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(fmt_err)?;
+            let (mode, entry) = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => (EntryMode::Pvh, addr),
+                _ => (EntryMode::Linux64, r.kernel_load),
+            };
+            Ok(LoadedKernel {
+                format,
+                mode,
+                entry,
+                end: r.kernel_end,
+                setup_header: None,
+            })
+        }
+        KernelFormat::BzImage => {
+            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
+                .map_err(fmt_err)?;
+            Ok(LoadedKernel {
+                format,
+                mode: EntryMode::Linux64,
+                // startup_64 is 0x200 into the protected-mode kernel.
+                entry: GuestAddress(r.kernel_load.0 + 0x200),
+                end: r.kernel_end,
+                setup_header: r.setup_header,
+            })
+        }
+    }
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Chooses where the initramfs goes: page aligned at the top of RAM below the
+/// MMIO gap (and below `addr_max` when the kernel limits it), above the kernel.
+pub fn initrd_placement(
+    mem_size: u64,
+    kernel_end: u64,
+    size: u64,
+    addr_max: Option<u64>,
+) -> Result<u64, BootError> {
+    let mut top = low_ram_end(mem_size);
+    if let Some(max) = addr_max.filter(|m| *m != 0) {
+        top = top.min(max.saturating_add(1));
+    }
+    let floor = kernel_end.max(HIMEM_START);
+    let free = top.saturating_sub(floor);
+    if size == 0 || size > free {
+        return Err(BootError::InitrdTooLarge { size, free });
+    }
+    let addr = (top - size) & !(PAGE_SIZE - 1);
+    if addr < floor {
+        return Err(BootError::InitrdTooLarge { size, free });
+    }
+    Ok(addr)
+}
+
+/// Loads the initramfs at `path` above the kernel.
+pub fn load_initrd<M: GuestMemoryBackend>(
+    mem: &M,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    path: &Path,
+) -> Result<InitrdInfo, BootError> {
+    let p = path.display().to_string();
+    let io = |err| BootError::InitrdIo {
+        path: p.clone(),
+        err,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if meta.is_dir() {
+        return Err(io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is a directory",
+        )));
+    }
+    let size = meta.len();
+    let addr_max = kernel.setup_header.map(|h| u64::from(h.initrd_addr_max));
+    let addr = initrd_placement(mem_size, kernel.end, size, addr_max)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+        .map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    Ok(InitrdInfo { addr, size })
+}
+
+/// Writes the command line at [`CMDLINE_START`].
+pub fn write_cmdline<M: GuestMemoryBackend>(mem: &M, cmdline: &Cmdline) -> Result<(), BootError> {
+    load_cmdline(mem, GuestAddress(CMDLINE_START), cmdline).map_err(BootError::Cmdline)
+}
+
+/// Writes everything the kernel reads at boot besides its image: the MP table
+/// and the zero page (64-bit protocol) or PVH start info.
+pub fn write_boot_info<M: GuestMemoryBackend>(
+    mem: &M,
+    mem_size: u64,
+    num_cpus: u32,
+    kernel: &LoadedKernel,
+    cmdline_len: usize,
+    initrd: Option<InitrdInfo>,
+) -> Result<(), BootError> {
+    mptable::setup_mptable(mem, num_cpus)?;
+    let e820 = params::e820_entries(mem_size)?;
+    match kernel.mode {
+        EntryMode::Pvh => {
+            let (info, memmap, modules) = params::build_pvh_info(initrd, &e820);
+            params::write_pvh_info(mem, &info, &memmap, &modules)?;
+        }
+        EntryMode::Linux64 => {
+            let zp = params::build_zero_page(kernel.setup_header, cmdline_len, initrd, &e820);
+            params::write_zero_page(mem, &zp)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn detects_formats() {
+        assert_eq!(detect_format(b"\x7fELF\x02\x01"), Some(KernelFormat::Elf));
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert_eq!(detect_format(&bz), Some(KernelFormat::BzImage));
+        assert_eq!(detect_format(b"garbage"), None);
+        assert_eq!(detect_format(b""), None);
+    }
+
+    #[test]
+    fn initrd_goes_to_top_of_low_ram() {
+        let mem = 256u64 << 20;
+        let a = initrd_placement(mem, 0x200_0000, 0x1800, None).unwrap();
+        assert_eq!(a, mem - 0x2000);
+        assert_eq!(a % PAGE_SIZE, 0);
+    }
+
+    #[test]
+    fn initrd_respects_addr_max_and_gap() {
+        let a = initrd_placement(8 << 30, 0x200_0000, 0x1000, Some(0x37ff_ffff)).unwrap();
+        assert_eq!(a, 0x3800_0000 - 0x1000);
+        let b = initrd_placement(8 << 30, 0x200_0000, 0x1000, None).unwrap();
+        assert_eq!(b, crate::layout::MMIO_GAP_START - 0x1000);
+    }
+
+    #[test]
+    fn initrd_too_large_is_rejected() {
+        let mem = 64u64 << 20;
+        let err = initrd_placement(mem, 0x200_0000, mem, None).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooLarge { .. }));
+        // Exactly the free space fits, one more page does not.
+        let free = mem - 0x200_0000;
+        assert!(initrd_placement(mem, 0x200_0000, free, None).is_ok());
+        assert!(initrd_placement(mem, 0x200_0000, free + 1, None).is_err());
+        assert!(initrd_placement(mem, 0x200_0000, 0, None).is_err());
+    }
+
+    #[test]
+    fn corrupt_kernels_are_errors() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let empty = dir.path().join("empty");
+        File::create(&empty).unwrap();
+        assert!(matches!(
+            load_kernel(&mem, &empty),
+            Err(BootError::KernelTooShort(_))
+        ));
+        let junk = dir.path().join("junk");
+        File::create(&junk)
+            .unwrap()
+            .write_all(&[0x55u8; 4096])
+            .unwrap();
+        assert!(matches!(
+            load_kernel(&mem, &junk),
+            Err(BootError::KernelFormat { .. })
+        ));
+        // ELF magic followed by garbage.
+        let bad_elf = dir.path().join("bad.elf");
+        let mut data = vec![0u8; 256];
+        data[..4].copy_from_slice(b"\x7fELF");
+        File::create(&bad_elf).unwrap().write_all(&data).unwrap();
+        assert!(matches!(
+            load_kernel(&mem, &bad_elf),
+            Err(BootError::KernelFormat { .. })
+        ));
+        assert!(matches!(
+            load_kernel(&mem, dir.path()),
+            Err(BootError::KernelIo { .. })
+        ));
+        assert!(matches!(
+            load_kernel(&mem, &dir.path().join("missing")),
+            Err(BootError::KernelIo { .. })
+        ));
+    }
+}
