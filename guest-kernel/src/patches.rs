@@ -49,6 +49,41 @@ impl Patch {
     }
 }
 
+impl Patch {
+    /// The full text of a file this patch creates, or `None` if it does not
+    /// create `path`.
+    pub fn created_file(&self, path: &str) -> Option<String> {
+        let mut lines = self.text.lines();
+        let target = format!("+++ b/{path}");
+        let mut prev = "";
+        for line in lines.by_ref() {
+            if line == target && prev == "--- /dev/null" {
+                break;
+            }
+            prev = line;
+        }
+        if prev != "--- /dev/null" {
+            return None;
+        }
+        let mut out = String::new();
+        let mut in_hunk = false;
+        for line in lines {
+            if line.starts_with("diff --git ") {
+                break;
+            }
+            if line.starts_with("@@ ") {
+                in_hunk = true;
+            } else if let (true, Some(added)) = (in_hunk, line.strip_prefix('+')) {
+                out.push_str(added);
+                out.push('\n');
+            } else if line == "\\ No newline at end of file" {
+                out.pop();
+            }
+        }
+        Some(out)
+    }
+}
+
 /// The ordered patch series.
 #[derive(Debug, Clone, Default)]
 pub struct Series {
@@ -261,6 +296,17 @@ mod tests {
             s.touched_paths(),
             vec!["a.txt".to_string(), "dir/b.txt".to_string()]
         );
+    }
+
+    #[test]
+    fn created_file_is_rebuilt_from_the_hunk() {
+        let text = format!(
+            "{MODIFY_A}diff --git a/dir/b.txt b/dir/b.txt\nnew file mode 100644\n{CREATE_B}"
+        );
+        let p = patch("x.patch", &text);
+        assert_eq!(p.created_file("dir/b.txt").as_deref(), Some("new\n"));
+        assert_eq!(p.created_file("a.txt"), None);
+        assert_eq!(p.created_file("missing"), None);
     }
 
     #[test]

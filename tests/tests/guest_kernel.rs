@@ -104,3 +104,36 @@ fn cache_hit_is_fast_and_matches_the_lock() {
         );
     }
 }
+
+#[test]
+fn uapi_headers_in_the_patches_are_the_canonical_ones() {
+    let series = Series::load(&milk_guest_kernel::patches_dir()).unwrap();
+    let root = milk_guest_kernel::crate_dir().join("..");
+    for (path, canonical) in [
+        (
+            "include/uapi/linux/virtio_milk.h",
+            root.join("virtio-milk/include/virtio_milk.h"),
+        ),
+        (
+            "include/uapi/linux/virtio_ivshmem.h",
+            root.join("guest-kernel/include/uapi/linux/virtio_ivshmem.h"),
+        ),
+    ] {
+        let created: Vec<String> = series
+            .patches
+            .iter()
+            .filter_map(|p| p.created_file(path))
+            .collect();
+        assert_eq!(
+            created.len(),
+            1,
+            "{path} should be created by exactly one patch"
+        );
+        let want = std::fs::read_to_string(&canonical).unwrap();
+        assert!(
+            created[0] == want,
+            "{path} in the patch series differs from {}; regenerate the patches",
+            canonical.display()
+        );
+    }
+}
