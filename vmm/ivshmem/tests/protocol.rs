@@ -136,7 +136,10 @@ impl FakeQemu {
         let t0 = Instant::now();
         self.doorbell(i64::from(self.regs.host_peer()), 0);
         while self.regs.ack_seq() != seq {
-            assert!(t0.elapsed() < Duration::from_secs(2), "request {seq} not acked");
+            assert!(
+                t0.elapsed() < Duration::from_secs(2),
+                "request {seq} not acked"
+            );
             std::hint::spin_loop();
         }
         t0.elapsed()
