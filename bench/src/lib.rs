@@ -8,6 +8,7 @@ pub mod clock;
 pub mod msg;
 pub mod plot;
 pub mod report;
+pub mod row;
 pub mod runner;
 pub mod shm_ring;
 pub mod stats;

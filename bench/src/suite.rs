@@ -1,9 +1,10 @@
 //! Runs every selected channel `runs` times, interleaved (run 1 of every
 //! channel, then run 2, ...) so slow drifts of the machine hit all rows alike.
 
-use crate::channel::{ChanError, Channel};
+use crate::channel::ChanError;
 use crate::report::{ChannelReport, Outcome};
-use crate::runner::{run_once, RunConfig, RunResult};
+use crate::row::Row;
+use crate::runner::{RunConfig, RunResult};
 
 enum State {
     Running(Vec<RunResult>),
@@ -12,11 +13,7 @@ enum State {
 }
 
 /// Measures `channels`; never panics on a broken or missing channel.
-pub fn run_suite(
-    channels: &[Box<dyn Channel>],
-    cfg: &RunConfig,
-    runs: usize,
-) -> Vec<ChannelReport> {
+pub fn run_suite(channels: &[Box<dyn Row>], cfg: &RunConfig, runs: usize) -> Vec<ChannelReport> {
     let mut states: Vec<State> = channels
         .iter()
         .map(|_| State::Running(Vec::new()))
@@ -25,7 +22,7 @@ pub fn run_suite(
         for (ch, st) in channels.iter().zip(states.iter_mut()) {
             let State::Running(done) = st else { continue };
             let t0 = std::time::Instant::now();
-            match run_once(ch.as_ref(), cfg) {
+            match ch.run(cfg) {
                 Ok(r) => {
                     log::info!(
                         "run {} {:<28} {:>8.0} msgs/s  {:?}",

@@ -61,6 +61,36 @@ pub fn set_fifo(prio: i32) -> bool {
     r == 0
 }
 
+/// Pins every thread of this process named `comm` to `cpu`; returns how many.
+pub fn pin_threads_named(comm: &str, cpu: usize) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    let mut n = 0;
+    for entry in dir.flatten() {
+        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let Some(tid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if name.trim() != comm || cpu >= libc::CPU_SETSIZE as usize {
+            continue;
+        }
+        // SAFETY: cpu_set_t is plain old data; CPU_SET stays inside it
+        // (bounds checked above); sched_setaffinity reads it for `tid`.
+        let ok = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+        };
+        n += usize::from(ok);
+    }
+    n
+}
+
 /// Kernel thread id of the calling thread.
 pub fn gettid() -> libc::pid_t {
     // SAFETY: gettid has no arguments and cannot fail.

@@ -13,8 +13,10 @@ pub mod stream;
 pub mod unix;
 pub mod uring_msg_ring;
 pub mod uring_pipe;
+pub mod virtio_loopback;
 
 use crate::channel::{ChanError, Channel};
+use crate::row::{ChannelRow, Row};
 
 /// Maps an io_uring setup/enter error; ENOSYS/EPERM mean "not here".
 pub(crate) fn uring_err(op: &'static str, e: std::io::Error) -> ChanError {
@@ -35,8 +37,8 @@ pub struct ChannelOpts {
 }
 
 /// All rows, in table order.
-pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
-    vec![
+pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Row>> {
+    let chans: Vec<Box<dyn Channel>> = vec![
         Box::new(pipe::Pipe),
         Box::new(eventfd::EventFd),
         Box::new(unix::UnixSocket { seqpacket: false }),
@@ -58,5 +60,11 @@ pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Channel>> {
         Box::new(bpf_ringbuf::BpfRingbuf { busy_poll: true }),
         Box::new(bpf_user_ringbuf::BpfUserRingbuf),
         Box::new(netlink_proc::NetlinkProc),
-    ]
+    ];
+    let mut rows: Vec<Box<dyn Row>> = chans
+        .into_iter()
+        .map(|c| Box::new(ChannelRow(c)) as Box<dyn Row>)
+        .collect();
+    rows.extend(virtio_loopback::rows());
+    rows
 }
