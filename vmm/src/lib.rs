@@ -16,6 +16,15 @@ pub mod boot;
 pub mod cmdline;
 pub mod cpu;
 pub mod devices;
+pub mod engine;
+pub mod error;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod vcpu;
+pub mod vmm;
+
+pub use engine::{choose_engine, detect_kvm, Engine, EngineChoice, KvmSupport};
+pub use error::{exit_code, VmmError};
+pub use exit::ExitReason;
+pub use vmm::{Vm, VmConfig, VmOutcome};

@@ -1,1 +1,160 @@
-fn main() {}
+//! `milk-vmm`: boot a MiLK guest under KVM (or QEMU TCG where KVM cannot run it).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use milk_vmm::{choose_engine, detect_kvm, exit_code, Engine, EngineChoice, Vm, VmConfig};
+
+const EXAMPLES: &str = "\
+Examples:
+  # Boot the MiLK kernel and initramfs; the exit status is the guest's result.
+  milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --cpus 2 --memory 512
+
+  # Force KVM (on kvm_pvm a standard kernel stops at its first exception).
+  milk-vmm --kernel vmlinux --engine kvm --serial-log /tmp/serial.log --timeout 60
+
+  # Same guest under QEMU TCG, extra kernel arguments, a host policy.
+  milk-vmm --kernel bzImage --initrd initramfs.cpio.gz --engine qemu \\
+           --cmdline 'milk.run=/bin/stress' --policy fifo
+
+Exit status: the guest's `MILK-RESULT status=<n>`; otherwise 64 invalid
+arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
+69 engine unavailable, 70 VMM failure, 71 guest fault (KVM internal error),
+73 serial log not writable, 80 guest ended without a result line,
+124 timeout, 128+N killed by signal N.";
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum EngineArg {
+    /// KVM when it can run a standard guest, else QEMU TCG.
+    Auto,
+    /// milk-vmm's KVM VMM.
+    Kvm,
+    /// QEMU TCG through milk-harness.
+    Qemu,
+}
+
+/// Boots a MiLK guest under KVM with a rust-vmm based VMM (or QEMU TCG).
+#[derive(Debug, Parser)]
+#[command(name = "milk-vmm", version, after_help = EXAMPLES)]
+struct Cli {
+    /// Kernel: vmlinux (ELF; PVH entry if present) or bzImage.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command line, appended to the base
+    /// (console=ttyS0 earlyprintk=ttyS0 reboot=t panic=-1 loglevel=7).
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u32,
+    /// Which engine runs the guest.
+    #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
+    engine: EngineArg,
+    /// Host scheduling policy for the guest (passed as milk.policy=NAME).
+    #[arg(long, value_name = "NAME")]
+    policy: Option<String>,
+    /// Also write the serial console to this file.
+    #[arg(long, value_name = "PATH")]
+    serial_log: Option<PathBuf>,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Do not copy the serial console to stdout.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn valid_policy(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+fn main() -> ExitCode {
+    let _ = milk_vmm::vmm::PROCESS_START.set(Instant::now());
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp_millis()
+        .init();
+    let cli = Cli::parse();
+    ExitCode::from(run(cli).clamp(0, 255) as u8)
+}
+
+fn run(cli: Cli) -> i32 {
+    let mut cmdline = cli.cmdline.trim().to_string();
+    if let Some(p) = &cli.policy {
+        if !valid_policy(p) {
+            eprintln!("milk-vmm: invalid --policy {p:?}: use letters, digits, '-' and '_'");
+            return exit_code::USAGE;
+        }
+        // Before any init arguments (" -- ...").
+        let (boot, init) = match cmdline.find(" -- ") {
+            Some(i) => (cmdline[..i].to_string(), cmdline[i..].to_string()),
+            None => (cmdline.clone(), String::new()),
+        };
+        cmdline = format!("{boot} milk.policy={p}{init}").trim().to_string();
+    }
+    let config = VmConfig {
+        kernel: cli.kernel,
+        initrd: cli.initrd,
+        cmdline,
+        cpus: cli.cpus,
+        memory_mib: cli.memory,
+        serial_log: cli.serial_log,
+        echo_console: !cli.quiet,
+        forward_stdin: true,
+        timeout: cli.timeout.map(Duration::from_secs),
+        handle_signals: true,
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("milk-vmm: {e}");
+        return e.exit_code();
+    }
+    let choice = match cli.engine {
+        EngineArg::Auto => EngineChoice::Auto,
+        EngineArg::Kvm => EngineChoice::Kvm,
+        EngineArg::Qemu => EngineChoice::Qemu,
+    };
+    let support = detect_kvm();
+    let engine = match choose_engine(choice, &support) {
+        Ok((engine, note)) => {
+            if let Some(n) = note {
+                log::warn!("{n}");
+            }
+            engine
+        }
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            return e.exit_code();
+        }
+    };
+    match engine {
+        Engine::Qemu => match milk_vmm::engine::run_qemu(&config) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
+                exit_code::NO_RESULT
+            }
+            Err(e) => {
+                eprintln!("milk-vmm: {e}");
+                e.exit_code()
+            }
+        },
+        Engine::Kvm => match Vm::new(config).run() {
+            Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
+            Err(e) => {
+                eprintln!("milk-vmm: {e}");
+                e.exit_code()
+            }
+        },
+    }
+}

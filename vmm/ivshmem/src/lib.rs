@@ -16,7 +16,8 @@
 //! - [`backend`]: the [`Backend`] trait a device implementation (virtio-milk's
 //!   queue engine) implements, and [`EchoBackend`] for tests;
 //! - [`qemu_args`]: the matching QEMU options;
-//! - [`transport`]: [`IvshmemTransport`], all of the above plus the serving loop.
+//! - [`transport`]: [`IvshmemTransport`], all of the above plus the serving loop;
+//! - `milk` (feature `virtio-milk`): `MilkBackend`, virtio-milk's device as a backend.
 //!
 //! Data path: the driver's doorbell write `(host_peer << 16) | (1 + n)` makes
 //! QEMU write the host eventfd of vector `1 + n`, which the backend holds as
@@ -27,6 +28,8 @@
 pub mod backend;
 pub mod device;
 pub mod guest_ram;
+#[cfg(feature = "virtio-milk")]
+pub mod milk;
 pub mod proto;
 pub mod qemu_args;
 pub mod regs;
