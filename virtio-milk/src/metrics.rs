@@ -174,6 +174,10 @@ pub struct Metrics {
     pub policy_rejects: u64,
     /// Decisions that could not be queued because a backlog was full.
     pub queue_full: u64,
+    /// RUN acks that did not match the CPU's in-flight decision (ignored).
+    pub unmatched_acks: u64,
+    /// Undelivered decisions dropped when a new session started.
+    pub dropped_old_decisions: u64,
     /// HELLO/HEARTBEAT/GOODBYE sent to the guest.
     pub session_sent: u64,
     /// Policy swaps done.
@@ -196,6 +200,8 @@ impl Default for Metrics {
             unknown_task_events: 0,
             policy_rejects: 0,
             queue_full: 0,
+            unmatched_acks: 0,
+            dropped_old_decisions: 0,
             session_sent: 0,
             policy_swaps: 0,
             guest_fallbacks: 0,
@@ -294,8 +300,8 @@ impl fmt::Display for Summary {
         }
         writeln!(
             f,
-            ", {} stale events, {} unknown-task events, {} policy rejects",
-            m.stale_events, m.unknown_task_events, m.policy_rejects
+            ", {} stale events, {} unknown-task events, {} unmatched acks, {} policy rejects",
+            m.stale_events, m.unknown_task_events, m.unmatched_acks, m.policy_rejects
         )?;
         writeln!(
             f,

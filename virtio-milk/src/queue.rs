@@ -457,6 +457,15 @@ impl<M: GuestMemory> QueueEngine<M> {
         }
     }
 
+    /// Drop every decision still waiting for a guest buffer; returns how many.
+    pub fn clear_backlog(&mut self) -> usize {
+        let n = self.backlog_len();
+        for b in &mut self.backlog {
+            b.clear();
+        }
+        n
+    }
+
     /// Decisions waiting for a guest buffer.
     pub fn backlog_len(&self) -> usize {
         self.backlog.iter().map(VecDeque::len).sum()

@@ -99,6 +99,8 @@ pub struct Runtime<M: GuestMemory> {
     cfg: RuntimeConfig,
     session_id: u64,
     cookie: u64,
+    /// Cookie of the RUN each CPU is committed to (0: none).
+    inflight: Vec<u64>,
     heartbeats: u64,
     last_heartbeat: Instant,
     started: Instant,
@@ -111,6 +113,7 @@ impl<M: GuestMemory> Runtime<M> {
     /// A runtime driving `engine` with `policy`.
     pub fn new(engine: QueueEngine<M>, mut policy: Box<dyn Policy>, cfg: RuntimeConfig) -> Self {
         let view = SchedView::new(engine.num_cpus());
+        let inflight = vec![0; view.cpus.len()];
         policy.attach(&view);
         Runtime {
             engine,
@@ -120,6 +123,7 @@ impl<M: GuestMemory> Runtime<M> {
             cfg,
             session_id: 0,
             cookie: 0,
+            inflight,
             heartbeats: 0,
             last_heartbeat: Instant::now(),
             started: Instant::now(),
@@ -201,6 +205,9 @@ impl<M: GuestMemory> Runtime<M> {
         for c in &mut self.view.cpus {
             *c = CpuState::Idle;
         }
+        self.inflight = vec![0; self.view.cpus.len()];
+        // Decisions of the old session that never reached the guest are meaningless now.
+        self.metrics.dropped_old_decisions += self.engine.clear_backlog() as u64;
         self.policy.attach(&self.view);
         let hello = Message::Hello(self.session_record(0));
         self.send_session(hello);
@@ -471,19 +478,36 @@ impl<M: GuestMemory> Runtime<M> {
                 pid,
                 status,
                 seq,
+                cookie,
                 decision_type,
                 target_cpu,
                 ..
-            } => self.handle_ack(pid, status, seq, decision_type, target_cpu),
+            } => self.handle_ack(pid, status, seq, cookie, decision_type, target_cpu),
             // parse_record never yields decisions for the event queue.
             Message::Run(_) | Message::Preempt(_) => {}
         }
     }
 
-    fn handle_ack(&mut self, pid: Pid, status: AckStatus, seq: u64, ty: u16, cpu: u16) {
+    fn handle_ack(
+        &mut self,
+        pid: Pid,
+        status: AckStatus,
+        seq: u64,
+        cookie: u64,
+        ty: u16,
+        cpu: u16,
+    ) {
         self.metrics.acks[status as usize] += 1;
         if ty == msg::RUN {
             let c = usize::from(cpu);
+            // Only the ack of the RUN this CPU is committed to resolves it; acks of older
+            // decisions (e.g. from a previous session) are counted and otherwise ignored.
+            if self.inflight.get(c) != Some(&cookie) || cookie == 0 {
+                self.metrics.unmatched_acks += 1;
+                self.events.push(PolicyEvent::Ack { pid, cpu, status });
+                return;
+            }
+            self.inflight[c] = 0;
             if self.view.cpus[c] == CpuState::Committed(pid) {
                 self.view.cpus[c] = if status == AckStatus::Ok {
                     CpuState::Running(pid)
@@ -570,6 +594,9 @@ impl<M: GuestMemory> Runtime<M> {
                 if self.engine.push_decision(cpu, rec.encode()) {
                     t.state = TaskState::Dispatched(cpu);
                     self.view.cpus[c] = CpuState::Committed(pid);
+                    if let Some(slot) = self.inflight.get_mut(c) {
+                        *slot = self.cookie;
+                    }
                     self.metrics.decisions_run += 1;
                     self.metrics
                         .latency

@@ -361,6 +361,14 @@ fn decisions_wait_for_buffers_and_ask_for_a_kick() {
         "re-armed after a partial refill"
     );
     assert_eq!(r.engine.flush(), 1);
+    // A new session drops what never reached the guest.
+    assert!(r.engine.push_decision(1, run_decision(20, 1)));
+    assert!(r.engine.push_decision(1, run_decision(21, 1)));
+    assert_eq!(r.engine.flush(), 0);
+    assert_eq!(r.engine.clear_backlog(), 2);
+    r.dq[3].add_chain(&r.lm.mem, &[(b, 64, true)]).unwrap();
+    r.dq[3].publish(&r.lm.mem);
+    assert_eq!(r.engine.flush(), 0, "nothing left to write");
     // Out-of-range CPU and a full backlog are refused and counted.
     assert!(!r.engine.push_decision(7, run_decision(9, 1)));
     assert_eq!(r.engine.stats().backlog_overflow, 1);

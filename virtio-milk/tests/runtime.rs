@@ -280,6 +280,13 @@ fn acks_drive_task_and_cpu_state() {
     assert_eq!(r.len(), 2);
     let d1 = r.iter().find(|d| d.pid == 1).unwrap();
     let d2 = r.iter().find(|d| d.pid == 2).unwrap();
+    // An ack whose cookie is not the CPU's in-flight RUN changes nothing.
+    let mut wrong = *d1;
+    wrong.cookie += 100;
+    g.send(0, &[ack(&wrong, AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.metrics().unmatched_acks, 1);
+    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Committed(1));
     // Task 1: OK -> Running. Task 2: STALE -> requeued and dispatched again.
     g.send(0, &[ack(d1, AckStatus::Ok), ack(d2, AckStatus::Stale)]);
     rt.step();
@@ -301,7 +308,11 @@ fn acks_drive_task_and_cpu_state() {
     assert_eq!(rt.view().task(1).unwrap().state, TaskState::Blocked);
     assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Idle);
     let m = rt.metrics();
-    assert_eq!(m.acks[AckStatus::Ok as usize], 1);
+    assert_eq!(
+        m.acks[AckStatus::Ok as usize],
+        2,
+        "the unmatched ack is counted too"
+    );
     assert_eq!(m.acks[AckStatus::Stale as usize], 1);
     assert_eq!(m.acks[AckStatus::NoTask as usize], 1);
     assert_eq!(m.decisions_run, 3);
