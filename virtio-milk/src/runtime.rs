@@ -200,7 +200,9 @@ impl<M: GuestMemory> Runtime<M> {
     /// Start a new session: forget every task (the guest re-announces them after our
     /// HELLO), mark all CPUs free, re-attach the policy and send HELLO.
     pub fn start_session(&mut self) {
-        self.session_id = self.session_id.wrapping_add(1).max(1);
+        // Unique across runtimes on the same device too (a restarted runtime must not
+        // reuse the id the guest saw before its GOODBYE): clock based, strictly increasing.
+        self.session_id = monotonic_ns().max(self.session_id.saturating_add(1));
         self.view = SchedView::new(self.engine.num_cpus());
         for c in &mut self.view.cpus {
             *c = CpuState::Idle;
