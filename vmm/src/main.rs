@@ -70,6 +70,19 @@ struct Cli {
     /// Do not copy the serial console to stdout.
     #[arg(long)]
     quiet: bool,
+    /// Attach the "echo" virtio test device in slot 0 (KVM engine; used by
+    /// the tests and the start-up benchmark with the freestanding test guest).
+    #[arg(long, hide = true)]
+    echo_device: bool,
+}
+
+fn new_vm(config: VmConfig, echo_device: bool) -> Result<Vm, milk_vmm::VmmError> {
+    let mut vm = Vm::new(config);
+    if echo_device {
+        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+        vm.add_virtio_device(Box::new(dev))?;
+    }
+    Ok(vm)
 }
 
 fn valid_policy(name: &str) -> bool {
@@ -149,7 +162,7 @@ fn run(cli: Cli) -> i32 {
                 e.exit_code()
             }
         },
-        Engine::Kvm => match Vm::new(config).run() {
+        Engine::Kvm => match new_vm(config, cli.echo_device).and_then(Vm::run) {
             Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
             Err(e) => {
                 eprintln!("milk-vmm: {e}");

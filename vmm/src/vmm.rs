@@ -108,11 +108,41 @@ impl VmConfig {
             }
         }
         check_input(&self.kernel)?;
+        check_kernel_format(&self.kernel)?;
         if let Some(i) = &self.initrd {
             check_input(i)?;
+            let size = std::fs::metadata(i).map(|m| m.len()).unwrap_or(0);
+            let mem = u64::from(self.memory_mib) << 20;
+            if size == 0 || size >= mem {
+                return Err(VmmError::Boot(boot::BootError::InitrdTooLarge {
+                    size,
+                    free: mem,
+                }));
+            }
         }
         Ok(())
     }
+}
+
+/// Rejects files that are neither ELF nor bzImage before any engine starts.
+fn check_kernel_format(p: &std::path::Path) -> Result<(), VmmError> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(0x400);
+    File::open(p)
+        .and_then(|f| f.take(0x400).read_to_end(&mut head))
+        .map_err(|e| VmmError::Input {
+            path: p.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    if boot::detect_format(&head).is_none() {
+        return Err(VmmError::Boot(boot::BootError::KernelFormat {
+            path: p.display().to_string(),
+            err: linux_loader::loader::Error::Elf(
+                linux_loader::loader::elf::Error::InvalidElfMagicNumber,
+            ),
+        }));
+    }
+    Ok(())
 }
 
 fn check_input(p: &std::path::Path) -> Result<(), VmmError> {
@@ -709,7 +739,7 @@ mod tests {
     fn config_validation() {
         let dir = tempfile::tempdir().unwrap();
         let k = dir.path().join("k");
-        std::fs::write(&k, b"x").unwrap();
+        std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
         assert!(cfg(&k).validate().is_ok());
         let mut c = cfg(&k);
         c.cpus = 0;
@@ -732,6 +762,19 @@ mod tests {
         let mut c = cfg(&k);
         c.initrd = Some(dir.path().join("nope"));
         assert_eq!(c.validate().unwrap_err().exit_code(), 66);
+        // Corrupt kernel, initramfs as large as RAM.
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, [0x42u8; 2048]).unwrap();
+        assert_eq!(cfg(&junk).validate().unwrap_err().exit_code(), 65);
+        let big = dir.path().join("big");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+        let mut c = cfg(&k);
+        c.memory_mib = 64;
+        c.initrd = Some(big);
+        assert_eq!(c.validate().unwrap_err().exit_code(), 65);
     }
 
     #[test]
