@@ -494,6 +494,7 @@ fn threaded_runtime_stops_with_goodbye_and_restarts() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let rt = h.stop().unwrap();
+    let first_session = rt.session_id();
     let bye = g.recv(0);
     assert!(bye.iter().any(|m| matches!(m, Message::Goodbye(_))));
     let s = rt.summary();
@@ -513,9 +514,11 @@ fn threaded_runtime_stops_with_goodbye_and_restarts() {
         });
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert_eq!(
-        virtio_milk::protocol::unpack_name(&hello.unwrap().name),
-        "t2"
+    let hello = hello.unwrap();
+    assert_eq!(virtio_milk::protocol::unpack_name(&hello.name), "t2");
+    assert_ne!(
+        hello.session_id, first_session,
+        "a restart is a new session"
     );
     h2.stop().unwrap();
 }
