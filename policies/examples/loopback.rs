@@ -50,6 +50,9 @@ struct Args {
     /// Policy name (see milk_policies::names()).
     #[arg(long, default_value = "fifo")]
     policy: String,
+    /// Print the host runtime's summary of the last run of each configuration.
+    #[arg(long)]
+    summary: bool,
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -86,6 +89,7 @@ fn main() {
             let (mut p50, mut p99, mut tput) = (Vec::new(), Vec::new(), Vec::new());
             let mut per_buf = 0.0;
             let mut errors = 0;
+            let mut last_summary = None;
             for _ in 0..args.repeat {
                 let Some(policy) = milk_policies::by_name(&args.policy) else {
                     eprintln!(
@@ -118,6 +122,7 @@ fn main() {
                 errors += s.guest_protocol_errors
                     + s.host.engine.malformed_total()
                     + s.rejected.iter().sum::<u64>();
+                last_summary = Some(s.host);
             }
             let range = |v: &[f64]| {
                 let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
@@ -140,6 +145,9 @@ fn main() {
                 per_buf,
                 errors
             );
+            if let (true, Some(s)) = (args.summary, last_summary) {
+                println!("{s}");
+            }
         }
     }
 }
