@@ -265,3 +265,86 @@ int main(int argc, char **argv)
         format!("{} 1 4242 2 3000000 99", 0x40)
     );
 }
+
+/// With a configured guest kernel tree around (the milk-guest-kernel build cache), compile
+/// the header as kernel code: `-D__KERNEL__`, the kernel's own `<linux/types.h>`,
+/// `static_assert` and `cpu_to_le16`. Skipped (with a note) when no configured tree exists.
+#[test]
+fn header_compiles_as_kernel_code() {
+    let cache = Path::new("/root/.cache/milk");
+    let Some((src, build)) = std::fs::read_dir(cache.join("src")).ok().and_then(|d| {
+        d.flatten().map(|e| e.path()).find_map(|src| {
+            let build = cache.join("build").join(src.file_name()?);
+            build
+                .join("include/generated/autoconf.h")
+                .exists()
+                .then_some((src, build))
+        })
+    }) else {
+        eprintln!(
+            "no configured kernel tree under {}; skipped",
+            cache.display()
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("kchk.c");
+    std::fs::write(
+        &c,
+        "#include <linux/types.h>\n#include <linux/build_bug.h>\n#include <asm/byteorder.h>\n\
+         #include \"virtio_milk.h\"\n\
+         static_assert(sizeof(union virtio_milk_record) == VIRTIO_MILK_RECORD_SIZE);\n\
+         int milk_hdr_type(const union virtio_milk_record *r);\n\
+         int milk_hdr_type(const union virtio_milk_record *r)\n\
+         { return le16_to_cpu(r->hdr.type) + le32_to_cpu(r->ack.status); }\n",
+    )
+    .unwrap();
+    let gcc_inc = Command::new("gcc")
+        .arg("-print-file-name=include")
+        .output()
+        .unwrap();
+    let gcc_inc = String::from_utf8(gcc_inc.stdout).unwrap();
+    let (s, b) = (src.display(), build.display());
+    let args: Vec<String> = vec![
+        "-std=gnu11".into(),
+        "-D__KERNEL__".into(),
+        "-nostdinc".into(),
+        "-isystem".into(),
+        gcc_inc.trim().into(),
+        format!("-I{s}/arch/x86/include"),
+        format!("-I{b}/arch/x86/include/generated"),
+        format!("-I{s}/include"),
+        format!("-I{b}/include"),
+        format!("-I{s}/arch/x86/include/uapi"),
+        format!("-I{b}/arch/x86/include/generated/uapi"),
+        format!("-I{s}/include/uapi"),
+        format!("-I{b}/include/generated/uapi"),
+        "-include".into(),
+        format!("{s}/include/linux/compiler-version.h"),
+        "-include".into(),
+        format!("{s}/include/linux/kconfig.h"),
+        "-include".into(),
+        format!("{s}/include/linux/compiler_types.h"),
+        format!(
+            "-I{}",
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("include")
+                .display()
+        ),
+        "-Wall".into(),
+        "-Werror".into(),
+        "-c".into(),
+    ];
+    let out = Command::new("gcc")
+        .args(&args)
+        .arg(&c)
+        .arg("-o")
+        .arg(dir.path().join("kchk.o"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "header does not compile as kernel code:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
