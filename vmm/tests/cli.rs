@@ -353,3 +353,46 @@ fn engine_choice_is_logged_once() {
         milk_vmm::KvmSupport::Missing(_) => assert_eq!(out.status.code(), Some(69)),
     }
 }
+
+#[test]
+fn qemu_engine_runs_the_same_guest() {
+    assert!(
+        milk_harness::qemu_available(),
+        "qemu-system-x86_64 is needed for the QEMU engine"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let k = common::test_guest("pvh");
+    let log = dir.path().join("serial.log");
+    for engine in ["qemu", "auto"] {
+        let out = run(&[
+            "--kernel",
+            k.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--timeout",
+            "120",
+            "--serial-log",
+            log.to_str().unwrap(),
+            "--cmdline",
+            "milk.qemu=1",
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if engine == "auto" && milk_vmm::detect_kvm() == milk_vmm::KvmSupport::Standard {
+            // Auto picks KVM there; the guest (no echo device) reports step 10 too.
+            assert_eq!(out.status.code(), Some(10), "{stderr}");
+            continue;
+        }
+        // No virtio device under QEMU: the guest reports step 10 and that is
+        // the exit status, exactly as under KVM.
+        assert_eq!(out.status.code(), Some(10), "{engine}: {stdout}\n{stderr}");
+        assert!(stdout.contains("cmdline: console=ttyS0"), "{stdout}");
+        assert!(
+            stdout.contains("milk.qemu=1"),
+            "same command line: {stdout}"
+        );
+        let logged = std::fs::read_to_string(&log).unwrap();
+        assert!(logged.contains("MILK-RESULT status=10"), "{logged}");
+        assert_no_leftovers(dir.path());
+    }
+}
