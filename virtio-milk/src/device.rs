@@ -53,6 +53,7 @@ pub struct MilkDevice<M: GuestMemory + Send + 'static> {
     factory: PolicyFactory,
     runtime_cfg: RuntimeConfig,
     running: Option<RuntimeHandle<M>>,
+    parked: Option<QueueEngine<M>>,
     extra_kicks: Vec<EventFd>,
 }
 
@@ -78,6 +79,7 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
             factory,
             runtime_cfg,
             running: None,
+            parked: None,
             extra_kicks: Vec::new(),
         })
     }
@@ -136,8 +138,13 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         self.extra_kicks.push(fd);
     }
 
-    /// Whether a runtime is serving the queues.
+    /// Whether the device was activated (running or paused) and not reset since.
     pub fn is_active(&self) -> bool {
+        self.running.is_some() || self.parked.is_some()
+    }
+
+    /// Whether a runtime is serving the queues right now.
+    pub fn is_running(&self) -> bool {
         self.running.is_some()
     }
 
@@ -149,7 +156,7 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         kick: EventFd,
         irq: Box<dyn Interrupt>,
     ) -> Result<(), DeviceError> {
-        if self.running.is_some() {
+        if self.is_active() {
             return Err(DeviceError::AlreadyActive);
         }
         if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
@@ -178,9 +185,39 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         }
     }
 
-    /// Device reset or shutdown: stop the runtime (GOODBYE) and return its summary.
+    /// Counters of the running runtime (at most `runtime::SNAPSHOT_PERIOD` old).
+    pub fn snapshot(&self) -> Option<Summary> {
+        self.running.as_ref().and_then(RuntimeHandle::snapshot)
+    }
+
+    /// Stop the host runtime but keep the queues (GOODBYE: the guest falls back to its own
+    /// scheduler). Returns the stopped runtime's summary; no-op if not running.
+    pub fn pause(&mut self) -> Result<Option<Summary>, DeviceError> {
+        let Some(h) = self.running.take() else {
+            return Ok(None);
+        };
+        let rt = h.stop()?;
+        let summary = rt.summary();
+        self.parked = Some(rt.into_engine());
+        Ok(Some(summary))
+    }
+
+    /// Start a fresh runtime (new policy instance, new session: HELLO) on the paused
+    /// queues. No-op unless paused.
+    pub fn resume(&mut self) -> Result<(), DeviceError> {
+        let Some(engine) = self.parked.take() else {
+            return Ok(());
+        };
+        let rt = Runtime::new(engine, (self.factory)(), self.runtime_cfg);
+        self.running = Some(rt.spawn()?);
+        Ok(())
+    }
+
+    /// Device reset or shutdown: stop the runtime (GOODBYE), forget the queues, and return
+    /// the summary of the runtime that was running (`None` if it was paused or inactive).
     pub fn reset(&mut self) -> Result<Option<Summary>, DeviceError> {
         self.acked_features = 0;
+        self.parked = None;
         match self.running.take() {
             Some(h) => Ok(Some(h.stop()?.summary())),
             None => Ok(None),
@@ -252,13 +289,31 @@ mod tests {
             d.activate(lm.mem.clone(), &lm.queues, kick(), irq()),
             Err(DeviceError::AlreadyActive)
         ));
+        // Live counters appear within a snapshot period.
+        let t0 = std::time::Instant::now();
+        while d.snapshot().is_none() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "no snapshot"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Pause keeps the queues; resume starts a new runtime on them.
+        let paused = d.pause().unwrap().expect("summary of the paused runtime");
+        assert!(paused.metrics.session_sent >= 2, "HELLO and GOODBYE");
+        assert!(d.is_active() && !d.is_running());
+        assert!(d.pause().unwrap().is_none());
+        d.resume().unwrap();
+        assert!(d.is_running());
         let s = d
             .reset()
             .unwrap()
             .expect("a summary from the stopped runtime");
         assert_eq!(s.policy, "idle");
-        assert!(s.metrics.session_sent >= 2, "HELLO and GOODBYE");
+        assert!(s.metrics.session_sent >= 2, "HELLO and GOODBYE again");
         assert!(!d.is_active());
         assert!(d.reset().unwrap().is_none());
+        d.resume().unwrap();
+        assert!(!d.is_running(), "nothing to resume after reset");
     }
 }

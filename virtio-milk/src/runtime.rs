@@ -27,6 +27,9 @@ use crate::protocol::{
 };
 use crate::queue::QueueEngine;
 
+/// How often a running loop publishes its counters for [`RuntimeHandle::snapshot`].
+pub const SNAPSHOT_PERIOD: Duration = Duration::from_millis(100);
+
 /// GOODBYE reason: the host runtime stopped in an orderly way.
 pub const GOODBYE_STOPPED: u64 = 0;
 
@@ -75,12 +78,21 @@ pub struct Control {
     stop: AtomicBool,
     swap_pending: AtomicBool,
     mailbox: Mutex<Option<Box<dyn Policy>>>,
+    snapshot: Mutex<Option<Summary>>,
 }
 
 impl Control {
     /// Ask the loop to return.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
+    }
+
+    /// The latest summary the loop published (about every [`SNAPSHOT_PERIOD`]).
+    pub fn snapshot(&self) -> Option<Summary> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Hand a new policy to the loop.
@@ -282,7 +294,12 @@ impl<M: GuestMemory> Runtime<M> {
         }
         self.engine.disable_notifications();
         let mut last_work = Instant::now();
+        let mut last_snapshot = Instant::now();
         while !ctl.stop.load(Ordering::Acquire) {
+            if last_snapshot.elapsed() >= SNAPSHOT_PERIOD {
+                last_snapshot = Instant::now();
+                *ctl.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.summary());
+            }
             if ctl.swap_pending.swap(false, Ordering::AcqRel) {
                 let next = ctl.mailbox.lock().unwrap_or_else(|e| e.into_inner()).take();
                 if let Some(p) = next {
@@ -311,8 +328,9 @@ impl<M: GuestMemory> Runtime<M> {
             }
             let timeout = match self.cfg.heartbeat {
                 Some(p) => p.saturating_sub(now.duration_since(self.last_heartbeat)),
-                None => Duration::from_millis(100),
+                None => SNAPSHOT_PERIOD,
             }
+            .min(SNAPSHOT_PERIOD)
             .max(Duration::from_millis(1));
             if let Err(e) = self.engine.wait_kick(timeout) {
                 log::warn!("{e}");
@@ -670,6 +688,12 @@ impl<M: GuestMemory> RuntimeHandle<M> {
     pub fn swap_policy(&self, policy: Box<dyn Policy>) {
         self.ctl.request_swap(policy);
         let _ = self.kick.write(1);
+    }
+
+    /// Counters of the running loop, at most [`SNAPSHOT_PERIOD`] old (`None` during the
+    /// first period).
+    pub fn snapshot(&self) -> Option<Summary> {
+        self.ctl.snapshot()
     }
 
     /// Stop the loop (sending GOODBYE if configured) and get the runtime back, e.g. for

@@ -621,3 +621,69 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
         assert!(seen.contains(&want), "policy never saw {want:?}");
     }
 }
+
+#[test]
+fn device_pause_and_resume_mid_workload() {
+    use virtio_milk::device::MilkDevice;
+    use virtio_milk::protocol::VIRTIO_F_VERSION_1;
+    let lm = LoopbackMemory::new(CPUS, 8, 256).unwrap();
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut dev: MilkDevice<GuestMemoryMmap> = MilkDevice::new(
+        u32::from(CPUS),
+        Box::new(|| Box::new(TestPolicy::new("t").0)),
+        RuntimeConfig::default(),
+    )
+    .unwrap();
+    dev.ack_features(dev.device_features());
+    assert_ne!(dev.acked_features() & (1 << VIRTIO_F_VERSION_1), 0);
+    let dq = lm.driver_queues(true);
+    let queues = lm.queues.clone();
+    let mem = lm.mem.clone();
+    let mut g = Guest {
+        lm,
+        dq,
+        kick: kick.try_clone().unwrap(),
+    };
+    g.post_decision_buffers();
+    dev.activate(mem, &queues, kick, Box::new(|_q: u16| Ok(())))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wait_for = |g: &mut Guest, what: &str, f: &dyn Fn(&Message) -> bool| loop {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if let Some(m) = g.recv(0).into_iter().find(|m| f(m)) {
+            return m;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let hello = |m: &Message| matches!(m, Message::Hello(_));
+    let Message::Hello(s1) = wait_for(&mut g, "HELLO", &hello) else {
+        unreachable!()
+    };
+    g.send(0, &[task_new(1, 1, 1), ev(TaskEventKind::Wakeup, 0, 1, 2)]);
+    wait_for(&mut g, "RUN", &|m| matches!(m, Message::Run(_)));
+    // Pause: the guest is told GOODBYE; the summary counts what happened so far.
+    let s = dev.pause().unwrap().unwrap();
+    assert_eq!(s.metrics.decisions_run, 1);
+    assert!(g.recv(0).iter().any(|m| matches!(m, Message::Goodbye(_))));
+    // Events sent while paused wait in the ring.
+    g.send(0, &[ev(TaskEventKind::Blocked, 0, 1, 3)]);
+    // Resume: a new session; the guest re-announces its task and gets it scheduled again.
+    dev.resume().unwrap();
+    let Message::Hello(s2) = wait_for(&mut g, "HELLO after resume", &hello) else {
+        unreachable!()
+    };
+    assert_ne!(s1.session_id, s2.session_id);
+    g.send(0, &[task_new(1, 4, 1), ev(TaskEventKind::Wakeup, 0, 1, 5)]);
+    let Message::Run(d) = wait_for(&mut g, "RUN after resume", &|m| {
+        matches!(m, Message::Run(_))
+    }) else {
+        unreachable!()
+    };
+    assert_eq!((d.pid, d.seq), (1, 5));
+    let s = dev.reset().unwrap().unwrap();
+    assert_eq!(s.metrics.decisions_run, 1);
+    assert_eq!(
+        s.metrics.unknown_task_events, 1,
+        "the BLOCKED of the old session hit an unknown task"
+    );
+}
