@@ -32,6 +32,9 @@ pub const SNAPSHOT_PERIOD: Duration = Duration::from_millis(100);
 
 /// GOODBYE reason: the host runtime stopped in an orderly way.
 pub const GOODBYE_STOPPED: u64 = 0;
+/// GOODBYE reason: the host starts a new session because the guest's view of the session
+/// disagrees with its own (a HELLO follows immediately).
+pub const GOODBYE_RESYNC: u64 = 2;
 
 /// Runtime knobs.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +113,8 @@ pub struct Runtime<M: GuestMemory> {
     metrics: Metrics,
     cfg: RuntimeConfig,
     session_id: u64,
+    /// The guest echoed our current HELLO.
+    established: bool,
     cookie: u64,
     /// Cookie of the RUN each CPU is committed to (0: none).
     inflight: Vec<u64>,
@@ -134,6 +139,7 @@ impl<M: GuestMemory> Runtime<M> {
             metrics: Metrics::default(),
             cfg,
             session_id: 0,
+            established: false,
             cookie: 0,
             inflight,
             heartbeats: 0,
@@ -163,6 +169,11 @@ impl<M: GuestMemory> Runtime<M> {
     /// Current session id (0 before the first HELLO).
     pub fn session_id(&self) -> u64 {
         self.session_id
+    }
+
+    /// Whether the guest echoed the current session's HELLO.
+    pub fn session_established(&self) -> bool {
+        self.established
     }
 
     /// Name of the active policy.
@@ -212,16 +223,32 @@ impl<M: GuestMemory> Runtime<M> {
     /// Start a new session: forget every task (the guest re-announces them after our
     /// HELLO), mark all CPUs free, re-attach the policy and send HELLO.
     pub fn start_session(&mut self) {
+        self.new_session(None);
+    }
+
+    /// Like [`Self::start_session`], but first tell the guest GOODBYE (with `reason`) so a
+    /// guest still scheduling with an older session falls back and re-announces its tasks
+    /// when it takes the new HELLO.
+    pub fn restart_session(&mut self, reason: u64) {
+        self.new_session(Some(reason));
+    }
+
+    fn new_session(&mut self, goodbye: Option<u64>) {
+        // Decisions of the old session that never reached the guest are meaningless now.
+        self.metrics.dropped_old_decisions += self.engine.clear_backlog() as u64;
+        if let Some(reason) = goodbye {
+            let bye = Message::Goodbye(self.session_record(reason));
+            self.send_session(bye);
+        }
         // Unique across runtimes on the same device too (a restarted runtime must not
         // reuse the id the guest saw before its GOODBYE): clock based, strictly increasing.
         self.session_id = monotonic_ns().max(self.session_id.saturating_add(1));
+        self.established = false;
         self.view = SchedView::new(self.engine.num_cpus());
         for c in &mut self.view.cpus {
             *c = CpuState::Idle;
         }
         self.inflight = vec![0; self.view.cpus.len()];
-        // Decisions of the old session that never reached the guest are meaningless now.
-        self.metrics.dropped_old_decisions += self.engine.clear_backlog() as u64;
         self.policy.attach(&self.view);
         let hello = Message::Hello(self.session_record(0));
         self.send_session(hello);
@@ -372,10 +399,19 @@ impl<M: GuestMemory> Runtime<M> {
         self.metrics.count_msg(m.msg_type());
         match m {
             Message::Hello(s) => {
-                if s.session_id != self.session_id || self.session_id == 0 {
-                    // The guest (re)started its driver: begin a fresh session.
+                if self.session_id != 0 && s.session_id == self.session_id {
+                    // The guest took our HELLO.
+                    self.established = true;
+                } else if self.session_id != 0 && s.session_id == 0 && !self.established {
+                    // A freshly probed driver while our HELLO may still be on its way
+                    // (startup race): repeat it, keep the tasks already announced.
+                    let hello = Message::Hello(self.session_record(0));
+                    self.send_session(hello);
+                } else {
+                    // The guest restarted its driver, or still runs an older session:
+                    // resynchronise (GOODBYE makes it re-announce every task).
                     log::info!("guest HELLO (session {}): new session", s.session_id);
-                    self.start_session();
+                    self.restart_session(GOODBYE_RESYNC);
                 }
             }
             Message::Heartbeat(s) => self.metrics.guest_fallbacks = s.counter,

@@ -358,51 +358,79 @@ fn runtime_refuses_bad_policy_decisions() {
     );
 }
 
+fn guest_hello(g: &mut Guest, session_id: u64) {
+    g.send(
+        0,
+        &[Message::Hello(SessionInfo {
+            session_id,
+            ..Default::default()
+        })],
+    );
+}
+
+/// Session records the host sent on CPU 0's decision queue, as (type name, session id).
+fn session_records(g: &mut Guest) -> Vec<(&'static str, u64)> {
+    g.recv(0)
+        .into_iter()
+        .filter_map(|m| match m {
+            Message::Hello(s) => Some(("HELLO", s.session_id)),
+            Message::Goodbye(s) => Some(("GOODBYE", s.session_id)),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
 fn guest_session_messages() {
     let (p, _) = TestPolicy::new("t");
     let (mut g, mut rt) = setup(Box::new(p));
     rt.start_session();
     let s1 = rt.session_id();
-    // A guest HELLO with an unknown session (driver restart) starts a new session.
-    g.send(
-        0,
-        &[Message::Hello(SessionInfo {
-            session_id: 0,
-            ..Default::default()
-        })],
-    );
+    assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
+    // A freshly probed driver (session 0) before it took our HELLO: repeat the HELLO, keep
+    // the session and the tasks it already announced.
+    g.send(0, &[task_new(3, 1, 1)]);
+    guest_hello(&mut g, 0);
+    rt.step();
+    assert_eq!(rt.session_id(), s1);
+    assert!(rt.view().task(3).is_some());
+    assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
+    assert!(!rt.session_established());
+    // The guest echoes our session: established.
+    guest_hello(&mut g, s1);
+    rt.step();
+    assert!(rt.session_established());
+    assert_eq!(session_records(&mut g), vec![]);
+    // Now a HELLO 0 means the driver restarted: GOODBYE, then a new session.
+    guest_hello(&mut g, 0);
     rt.step();
     let s2 = rt.session_id();
     assert_ne!(s1, s2);
-    let hellos: Vec<_> = g
-        .recv(0)
-        .into_iter()
-        .filter_map(|m| match m {
-            Message::Hello(s) => Some(s),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(hellos.last().unwrap().session_id, s2);
+    assert!(
+        rt.view().task(3).is_none(),
+        "a new session forgets the tasks"
+    );
     assert_eq!(
-        virtio_milk::protocol::unpack_name(&hellos.last().unwrap().name),
-        "t"
+        session_records(&mut g),
+        vec![("GOODBYE", s1), ("HELLO", s2)]
     );
-    // An echo of the current session does not restart it.
-    g.send(
-        0,
-        &[Message::Hello(SessionInfo {
-            session_id: s2,
-            ..Default::default()
-        })],
-    );
+    guest_hello(&mut g, s2);
     rt.step();
-    assert_eq!(rt.session_id(), s2);
+    assert!(rt.session_established());
+    // A guest still in an older session: resynchronise the same way.
+    guest_hello(&mut g, s1);
+    rt.step();
+    let s3 = rt.session_id();
+    assert!(s3 > s2);
+    assert_eq!(
+        session_records(&mut g),
+        vec![("GOODBYE", s2), ("HELLO", s3)]
+    );
     // The guest's heartbeat reports its local fallbacks.
     g.send(
         1,
         &[Message::Heartbeat(SessionInfo {
-            session_id: s2,
+            session_id: s3,
             counter: 42,
             cpu: 1,
             ..Default::default()
@@ -410,14 +438,16 @@ fn guest_session_messages() {
     );
     rt.step();
     assert_eq!(rt.metrics().guest_fallbacks, 42);
-    // GOODBYE from the guest: tasks are forgotten, a new HELLO is offered.
-    g.send(0, &[task_new(3, 1, 1)]);
+    // GOODBYE from the guest: tasks are forgotten, a new HELLO (no GOODBYE) is offered.
+    g.send(0, &[task_new(4, 1, 1)]);
     rt.step();
-    assert!(rt.view().task(3).is_some());
+    assert!(rt.view().task(4).is_some());
     g.send(0, &[Message::Goodbye(SessionInfo::default())]);
     rt.step();
-    assert!(rt.view().task(3).is_none());
-    assert!(rt.session_id() > s2);
+    assert!(rt.view().task(4).is_none());
+    let s4 = rt.session_id();
+    assert!(s4 > s3);
+    assert_eq!(session_records(&mut g), vec![("HELLO", s4)]);
 }
 
 #[test]
