@@ -219,15 +219,30 @@ impl DriverQueue {
         }
     }
 
-    /// Ask for an interrupt when the next used element arrives (EVENT_IDX `used_event`).
-    /// Returns true if used elements are already pending (do not sleep then).
+    /// Ask for an interrupt when the next used element arrives (EVENT_IDX `used_event`, or
+    /// clearing `VRING_AVAIL_F_NO_INTERRUPT`). Returns true if used elements are already
+    /// pending (do not sleep then).
     pub fn enable_interrupts<M: GuestMemory>(&mut self, mem: &M) -> bool {
         if self.event_idx {
             let at = self.avail.unchecked_add(4 + 2 * u64::from(self.size));
             let _ = mem.store(self.last_used.to_le(), at, Ordering::Release);
+        } else {
+            let _ = mem.store(0u16, self.avail, Ordering::Release);
         }
         fence(Ordering::SeqCst);
         self.has_used(mem)
+    }
+
+    /// Stop asking for interrupts while polling. With EVENT_IDX nothing needs writing
+    /// (`used_event` is simply left behind); without it, set `VRING_AVAIL_F_NO_INTERRUPT`.
+    pub fn disable_interrupts<M: GuestMemory>(&mut self, mem: &M) {
+        if !self.event_idx {
+            let _ = mem.store(
+                crate::queue::VRING_AVAIL_F_NO_INTERRUPT.to_le(),
+                self.avail,
+                Ordering::Release,
+            );
+        }
     }
 }
 
@@ -754,6 +769,9 @@ impl Guest<'_> {
         if r > 0 {
             // Non-blocking eventfd: a racing reader can only make this return EAGAIN.
             let _ = self.irq.read();
+        }
+        for cpu in 0..self.cfg.num_cpus {
+            self.queues[usize::from(cpu) * 2 + 1].disable_interrupts(&lm.mem);
         }
     }
 

@@ -20,14 +20,19 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemory};
+use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::protocol::{
     decision_queue_index, event_queue_index, parse_record, Direction, Message, ProtoError,
     MAX_BATCH, MAX_CPUS, RECORD_SIZE,
 };
+
+/// Avail ring flag: the driver does not want interrupts (without EVENT_IDX).
+pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Where the driver placed one split virtqueue.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -429,7 +434,19 @@ impl<M: GuestMemory> QueueEngine<M> {
         } else {
             &mut self.events[cpu]
         };
-        match q.needs_notification(&self.mem) {
+        let needed: Result<bool, ()> = if self.cfg.event_idx {
+            q.needs_notification(&self.mem).map_err(|_| ())
+        } else {
+            // virtio-queue ignores VRING_AVAIL_F_NO_INTERRUPT; honour it here.
+            let flags = self
+                .mem
+                .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
+                .map(u16::from_le);
+            flags
+                .map(|f| f & VRING_AVAIL_F_NO_INTERRUPT == 0)
+                .map_err(|_| ())
+        };
+        match needed {
             Ok(true) => {
                 self.stats.interrupts += 1;
                 if self.irq.signal(queue_index).is_err() {

@@ -442,6 +442,30 @@ fn without_event_idx_flags_are_used() {
     assert_eq!(r.poll().len(), 1);
     r.dq[0].add_chain(&r.lm.mem, &[(a, 64, false)]).unwrap();
     assert!(r.dq[0].publish(&r.lm.mem));
+    // Interrupts follow VRING_AVAIL_F_NO_INTERRUPT on the decision queue.
+    let b = r.lm.buffer(1, 0);
+    for i in 0..2u64 {
+        r.dq[1]
+            .add_chain(&r.lm.mem, &[(b + 64 * i, 64, true)])
+            .unwrap();
+    }
+    r.dq[1].publish(&r.lm.mem);
+    r.dq[1].disable_interrupts(&r.lm.mem);
+    let before = r.irqs.load(Ordering::Relaxed);
+    r.engine.push_decision(0, run_decision(1, 0));
+    r.engine.flush();
+    assert_eq!(
+        r.irqs.load(Ordering::Relaxed),
+        before,
+        "NO_INTERRUPT honoured"
+    );
+    assert!(
+        r.dq[1].enable_interrupts(&r.lm.mem),
+        "the used buffer is pending"
+    );
+    r.engine.push_decision(0, run_decision(2, 0));
+    r.engine.flush();
+    assert_eq!(r.irqs.load(Ordering::Relaxed), before + 1);
 }
 
 #[test]
