@@ -94,7 +94,8 @@ pub enum EngineError {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(usize)]
 pub enum Malformed {
-    /// The available ring index moved by more than the queue size.
+    /// The available ring index moved by more than the queue size (the queue is then
+    /// ignored until the device is reset).
     AvailIndex = 0,
     /// Chain ends in a descriptor that claims a successor that cannot be read.
     BrokenChain,
@@ -240,6 +241,8 @@ pub struct QueueEngine<M: GuestMemory> {
     decisions: Vec<Queue>,
     backlog: Vec<VecDeque<[u8; RECORD_SIZE]>>,
     starved: Vec<bool>,
+    /// Per queue index: the driver corrupted the ring; ignored until reset.
+    broken: Vec<bool>,
     kick: EventFd,
     extra_kicks: Vec<EventFd>,
     pollfds: Vec<libc::pollfd>,
@@ -300,6 +303,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             decisions,
             backlog: vec![VecDeque::new(); expected / 2],
             starved: vec![false; expected / 2],
+            broken: vec![false; expected],
             kick,
             extra_kicks: Vec::new(),
             pollfds: Vec::new(),
@@ -355,14 +359,19 @@ impl<M: GuestMemory> QueueEngine<M> {
         // At most one ring's worth per pass: a driver that keeps posting cannot starve the
         // other queues or keep us here forever.
         let budget = usize::from(self.events[cpu].size());
+        if self.broken[2 * cpu] {
+            return 0;
+        }
         while consumed < budget {
             // One chain at a time: the iterator re-reads avail.idx, bounded by queue size.
             let chain = match self.events[cpu].iter(&self.mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => {
+                    // The driver broke the ring (avail.idx jumped past the queue size): the
+                    // queue is unusable until the device is reset; count it once and stop
+                    // looking at it instead of spinning on it.
                     self.count(Malformed::AvailIndex);
-                    // Skip past the bogus index so a hostile driver cannot wedge us in a
-                    // loop; the queue is unusable until the driver resets the device.
+                    self.broken[2 * cpu] = true;
                     return consumed;
                 }
             };
@@ -483,6 +492,13 @@ impl<M: GuestMemory> QueueEngine<M> {
         n
     }
 
+    /// Queue indexes the driver corrupted (ignored until the device is reset).
+    pub fn broken_queues(&self) -> Vec<u16> {
+        (0..self.broken.len() as u16)
+            .filter(|&i| self.broken[usize::from(i)])
+            .collect()
+    }
+
     /// Decisions waiting for a guest buffer.
     pub fn backlog_len(&self) -> usize {
         self.backlog.iter().map(VecDeque::len).sum()
@@ -518,11 +534,12 @@ impl<M: GuestMemory> QueueEngine<M> {
 
     fn flush_cpu(&mut self, cpu: usize) -> usize {
         let mut written = 0;
-        while !self.backlog[cpu].is_empty() {
+        while !self.backlog[cpu].is_empty() && !self.broken[2 * cpu + 1] {
             let chain = match self.decisions[cpu].iter(&self.mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => {
                     self.count(Malformed::AvailIndex);
+                    self.broken[2 * cpu + 1] = true;
                     break;
                 }
             };
