@@ -61,34 +61,38 @@ pub fn set_fifo(prio: i32) -> bool {
     r == 0
 }
 
-/// Pins every thread of this process named `comm` to `cpu`; returns how many.
-pub fn pin_threads_named(comm: &str, cpu: usize) -> usize {
+/// Thread ids of this process's threads named `comm`.
+pub fn threads_named(comm: &str) -> Vec<libc::pid_t> {
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
+        return Vec::new();
     };
-    let mut n = 0;
-    for entry in dir.flatten() {
-        let name = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
-        let Some(tid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        if name.trim() != comm || cpu >= libc::CPU_SETSIZE as usize {
-            continue;
-        }
-        // SAFETY: cpu_set_t is plain old data; CPU_SET stays inside it
-        // (bounds checked above); sched_setaffinity reads it for `tid`.
-        let ok = unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
-        };
-        n += usize::from(ok);
+    dir.flatten()
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|n| n.trim() == comm))
+        .filter_map(|e| e.file_name().to_str().and_then(|t| t.parse().ok()))
+        .collect()
+}
+
+/// Pins thread `tid` of this process to `cpu`.
+pub fn pin_tid(tid: libc::pid_t, cpu: usize) -> bool {
+    if cpu >= libc::CPU_SETSIZE as usize {
+        return false;
     }
-    n
+    // SAFETY: cpu_set_t is plain old data; CPU_SET stays inside it (bounds
+    // checked above); sched_setaffinity only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
+
+/// Switches thread `tid` to SCHED_FIFO at `prio`.
+pub fn set_fifo_tid(tid: libc::pid_t, prio: i32) -> bool {
+    let param = libc::sched_param {
+        sched_priority: prio,
+    };
+    // SAFETY: `param` is a valid sched_param for the call.
+    unsafe { libc::sched_setscheduler(tid, libc::SCHED_FIFO, &param) == 0 }
 }
 
 /// Kernel thread id of the calling thread.

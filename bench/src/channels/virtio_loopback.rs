@@ -53,7 +53,9 @@ mod imp {
     use crate::clock::{process_cpu_ns, thread_cpu_ns};
     use crate::row::Row;
     use crate::runner::{RunConfig, RunResult};
-    use crate::sys::{pin_threads_named, pin_to_cpu, set_fifo};
+    use crate::sys::{gettid, pin_tid, set_fifo_tid, threads_named};
+    use std::sync::atomic::{AtomicI32, Ordering};
+    use std::sync::Arc;
     use virtio_milk::loopback::{run_loopback, LoopbackConfig, NotifyMode};
 
     impl Row for VirtioLoopback {
@@ -91,32 +93,39 @@ mod imp {
                 timeout: cfg.timeout,
                 ..LoopbackConfig::default()
             };
-            // The guest runs on the calling thread: pin it like a sender. The
-            // runtime thread it spawns inherits that mask, so it is re-pinned
-            // to the receiver CPU from here once it appears.
-            let sender_cpu = cfg.sender_cpu;
-            let fifo = cfg.fifo_priority;
+            // The guest runs on the calling thread and spawns the runtime
+            // thread, which would inherit its CPU mask and policy. So both
+            // start unpinned; once the runtime thread exists, the guest goes
+            // to the sender CPU and the runtime to the receiver CPU (and both
+            // to SCHED_FIFO with --fifo).
+            let guest_tid = Arc::new(AtomicI32::new(0));
+            let gt = guest_tid.clone();
+            let before = threads_named("milk-runtime");
             let h = std::thread::spawn(move || {
-                if let Some(c) = sender_cpu {
-                    pin_to_cpu(c);
-                }
-                // Inherited by the runtime thread, like the CPU mask.
-                if let Some(p) = fifo {
-                    set_fifo(p);
-                }
+                gt.store(gettid(), Ordering::Release);
                 let cpu0 = process_cpu_ns();
                 let t0 = thread_cpu_ns();
                 let r = run_loopback(lcfg, policy);
                 (r, process_cpu_ns() - cpu0, thread_cpu_ns() - t0)
             });
-            if let Some(c) = cfg.receiver_cpu {
-                let t0 = std::time::Instant::now();
-                while pin_threads_named("milk-runtime", c) == 0
-                    && t0.elapsed() < std::time::Duration::from_millis(500)
-                    && !h.is_finished()
-                {
-                    std::thread::sleep(std::time::Duration::from_micros(200));
+            let t0 = std::time::Instant::now();
+            while t0.elapsed() < std::time::Duration::from_millis(500) && !h.is_finished() {
+                let fresh = threads_named("milk-runtime")
+                    .into_iter()
+                    .find(|t| !before.contains(t));
+                if let Some(rt) = fresh {
+                    let guest = guest_tid.load(Ordering::Acquire);
+                    if let (Some(tx), Some(rx)) = (cfg.sender_cpu, cfg.receiver_cpu) {
+                        pin_tid(guest, tx);
+                        pin_tid(rt, rx);
+                    }
+                    if let Some(p) = cfg.fifo_priority {
+                        set_fifo_tid(guest, p);
+                        set_fifo_tid(rt, p);
+                    }
+                    break;
                 }
+                std::thread::sleep(std::time::Duration::from_micros(200));
             }
             let (r, cpu, guest_cpu) = h
                 .join()
