@@ -125,11 +125,10 @@ impl Console {
             g.first_byte = Some(Instant::now());
         }
         if g.echo {
+            // Unbuffered: the console shows every byte as the guest writes it.
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(buf);
-            if buf.contains(&b'\n') {
-                let _ = out.flush();
-            }
+            let _ = out.flush();
         }
         if let Some(l) = g.log.as_mut() {
             if let Err(e) = l.write_all(buf) {
