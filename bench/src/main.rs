@@ -44,7 +44,7 @@ struct Args {
     #[arg(long)]
     plots: Option<PathBuf>,
     /// Idle gap before each latency message, µs, as MIN,MAX (0,0 = ping-pong).
-    #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [20u64, 60])]
+    #[arg(long, value_delimiter = ',', default_values_t = [20u64, 60])]
     gap_us: Vec<u64>,
     /// Run the sender/receiver threads SCHED_FIFO at this priority.
     #[arg(long)]
@@ -84,6 +84,10 @@ fn loadavg() -> String {
 fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args = Args::parse();
+    if args.gap_us.len() != 2 || args.gap_us[0] > args.gap_us[1] {
+        eprintln!("milk-bench: --gap-us takes MIN,MAX with MIN <= MAX (e.g. 20,60)");
+        std::process::exit(2);
+    }
     let ncpu = sys::online_cpus();
     let pin = ncpu >= 2;
     let (sender_cpu, receiver_cpu) = if pin {
