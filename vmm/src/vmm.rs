@@ -695,8 +695,20 @@ impl TerminationSignals {
     fn install(wake: &EventFd) -> Self {
         TERM_FD.store(wake.as_raw_fd(), Ordering::SeqCst);
         for s in [libc::SIGINT, libc::SIGTERM] {
-            if let Err(e) = vmm_sys_util::signal::register_signal_handler(s, handle_term) {
-                log::warn!("cannot handle signal {s}: {e}");
+            // SAFETY: a zeroed sigaction is a valid starting point; the handler
+            // only does async-signal-safe work (atomics and write(2)).
+            let r = unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = handle_term as *const () as usize;
+                act.sa_flags = libc::SA_SIGINFO;
+                libc::sigemptyset(&mut act.sa_mask);
+                libc::sigaction(s, &act, std::ptr::null_mut())
+            };
+            if r != 0 {
+                log::warn!(
+                    "cannot handle signal {s}: {}",
+                    std::io::Error::last_os_error()
+                );
             }
         }
         TerminationSignals

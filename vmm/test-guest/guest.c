@@ -243,6 +243,15 @@ void guest_main(const char *cmdline)
 	puts(cmdline ? cmdline : "(none)");
 	puts("\n");
 
+	/* "testguest.hang": spin forever (tests the VMM's timeout and signals). */
+	for (const char *s = cmdline; s && *s; s++) {
+		if ((s == cmdline || s[-1] == ' ') && starts_with(s, "testguest.hang")) {
+			puts("test-guest: hanging\n");
+			for (;;)
+				__asm__ volatile("pause");
+		}
+	}
+
 	mmio_base = find_device(cmdline);
 	CHECK(10, mmio_base != 0, "no virtio_mmio.device= on the command line");
 	puts("virtio-mmio device at ");

@@ -396,3 +396,73 @@ fn qemu_engine_runs_the_same_guest() {
         assert_no_leftovers(dir.path());
     }
 }
+
+#[test]
+fn timeout_and_signals_stop_a_hung_guest() {
+    assert!(common::kvm_usable());
+    let k = common::test_guest("pvh");
+    let k = k.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("marker");
+    let m = marker.to_str().unwrap();
+    // --timeout: exit 124 after about a second, all threads stopped.
+    let t = std::time::Instant::now();
+    let out = run(&[
+        "--kernel",
+        k,
+        "--engine",
+        "kvm",
+        "--cpus",
+        "2",
+        "--timeout",
+        "1",
+        "--cmdline",
+        "testguest.hang",
+        "--serial-log",
+        m,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(t.elapsed() < std::time::Duration::from_secs(30));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("test-guest: hanging"));
+    assert_no_leftovers(dir.path());
+
+    // SIGTERM: a clean stop with 128 + 15.
+    let marker = dir.path().join("marker2");
+    let m = marker.to_str().unwrap();
+    let child = Command::new(BIN)
+        .args([
+            "--kernel",
+            k,
+            "--engine",
+            "kvm",
+            "--cmdline",
+            "testguest.hang",
+        ])
+        .args(["--serial-log", m])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the guest runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !std::fs::read_to_string(&marker)
+        .unwrap_or_default()
+        .contains("hanging")
+    {
+        assert!(std::time::Instant::now() < deadline, "guest did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: sending SIGTERM to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 15), "{stderr}");
+    assert!(stderr.contains("signal 15"), "{stderr}");
+    assert!(!stderr.contains("panicked"));
+    assert_no_leftovers(dir.path());
+}
