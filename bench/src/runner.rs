@@ -334,7 +334,17 @@ pub fn check_channel_with(ch: &dyn Channel, cfg: &RunConfig) {
     // Channel tests pin to the same two CPUs; run them one at a time.
     static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let r = run_once(ch, cfg).unwrap_or_else(|e| panic!("{}: {e}", ch.name()));
+    let r = match run_once(ch, cfg) {
+        Ok(r) => r,
+        // Privileged rows (BPF, proc connector) may be refused to a normal
+        // user; as root on the project's machine every row must run.
+        // SAFETY: geteuid has no preconditions.
+        Err(ChanError::Unavailable(why)) if unsafe { libc::geteuid() } != 0 => {
+            eprintln!("{}: skipped, not root and unavailable: {why}", ch.name());
+            return;
+        }
+        Err(e) => panic!("{}: {e}", ch.name()),
+    };
     assert_eq!(r.latency_ns.len() as u64, cfg.lat_msgs, "{}", ch.name());
     assert!(r.tput_msgs >= 1, "{}", ch.name());
     assert!(r.tput_wall_ns > 0, "{}", ch.name());

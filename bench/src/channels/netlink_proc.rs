@@ -17,6 +17,9 @@ const NETLINK_CONNECTOR: libc::c_int = 11;
 const CN_IDX_PROC: u32 = 1;
 const CN_VAL_PROC: u32 = 1;
 const PROC_CN_MCAST_LISTEN: u32 = 1;
+const PROC_CN_MCAST_IGNORE: u32 = 2;
+/// Capability bit the kernel checks for PROC_CN_MCAST_LISTEN.
+const CAP_NET_ADMIN: u32 = 12;
 const PROC_EVENT_COMM: u32 = 0x200;
 const NLMSG_HDR: usize = 16;
 const CN_MSG_HDR: usize = 20;
@@ -110,7 +113,31 @@ impl MsgReceiver for Rx {
     }
 }
 
+/// True if the effective capability set (from /proc/self/status) has `cap`.
+fn has_capability(cap: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|eff| eff & (1 << cap) != 0)
+}
+
+impl Drop for Rx {
+    fn drop(&mut self) {
+        // Decrement the kernel's listener count, so proc events stop being
+        // generated once nobody listens (best effort).
+        let _ = mcast_ctl(&self.fd, PROC_CN_MCAST_IGNORE);
+    }
+}
+
 fn subscribe(fd: &Fd) -> Result<(), ChanError> {
+    mcast_ctl(fd, PROC_CN_MCAST_LISTEN)
+}
+
+fn mcast_ctl(fd: &Fd, op: u32) -> Result<(), ChanError> {
     // nlmsghdr + cn_msg + struct proc_input { mcast_op, event_type }
     let payload = 8usize;
     let total = NLMSG_HDR + CN_MSG_HDR + payload;
@@ -121,12 +148,12 @@ fn subscribe(fd: &Fd) -> Result<(), ChanError> {
     b[16..20].copy_from_slice(&CN_IDX_PROC.to_ne_bytes());
     b[20..24].copy_from_slice(&CN_VAL_PROC.to_ne_bytes());
     b[32..34].copy_from_slice(&(payload as u16).to_ne_bytes());
-    b[36..40].copy_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
+    b[36..40].copy_from_slice(&op.to_ne_bytes());
     b[40..44].copy_from_slice(&PROC_EVENT_COMM.to_ne_bytes());
     // SAFETY: `b` is valid for reads of its length.
     let r = unsafe { libc::send(fd.0, b.as_ptr().cast(), b.len(), 0) };
     if r < 0 {
-        return Err(ChanError::last_os("send PROC_CN_MCAST_LISTEN"));
+        return Err(ChanError::last_os("send proc connector mcast op"));
     }
     Ok(())
 }
@@ -139,6 +166,13 @@ impl Channel for NetlinkProc {
         "prctl(PR_SET_NAME) makes the kernel multicast a PROC_EVENT_COMM netlink message (comm = seq, 64 B in shared ring); receiver in recv(2)".into()
     }
     fn open(&self) -> Result<Pair, ChanError> {
+        // Without it the kernel refuses the subscription, and says so only
+        // in a multicast ack we could not receive: check up front.
+        if !has_capability(CAP_NET_ADMIN) {
+            return Err(ChanError::Unavailable(
+                "listening to proc events needs CAP_NET_ADMIN".into(),
+            ));
+        }
         // SAFETY: socket takes no pointers.
         let fd = unsafe {
             libc::socket(
