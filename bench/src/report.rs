@@ -17,6 +17,9 @@ pub enum Outcome {
         tput_spread: Spread,
         /// Per-run process CPU per message, ns.
         cpu_spread: Spread,
+        /// Per-run receiver CPU per sporadic (latency-phase) message, ns;
+        /// absent for rows that cannot measure it.
+        rx_idle_cpu: Option<Spread>,
     },
     /// Not runnable here; why.
     Unavailable { reason: String },
@@ -46,6 +49,11 @@ impl ChannelReport {
             .collect();
         let tputs: Vec<f64> = runs.iter().map(RunResult::msgs_per_sec).collect();
         let cpus: Vec<f64> = runs.iter().map(RunResult::cpu_ns_per_msg).collect();
+        let idle: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| r.rx_idle_cpu_ns_per_msg.map(|v| v as f64))
+            .collect();
+        let rx_idle_cpu = (!idle.is_empty() && idle.len() == runs.len()).then(|| Spread::of(&idle));
         ChannelReport {
             name,
             method,
@@ -54,6 +62,7 @@ impl ChannelReport {
                 p50_spread: Spread::of(&p50s),
                 tput_spread: Spread::of(&tputs),
                 cpu_spread: Spread::of(&cpus),
+                rx_idle_cpu,
             },
             runs,
         }
@@ -113,9 +122,9 @@ pub fn table(report: &Report) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| channel | p50 µs | p99 µs | p99.9 µs | p50 runs min–max µs | msgs/s median (min–max) | CPU ns/msg |"
+        "| channel | p50 µs | p99 µs | p99.9 µs | p50 runs min–max µs | msgs/s median (min–max) | CPU ns/msg | rx CPU µs/event |"
     );
-    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---:|---:|---:|---:|---:|---:|---:|");
     for c in &report.channels {
         match &c.outcome {
             Outcome::Measured {
@@ -123,10 +132,14 @@ pub fn table(report: &Report) -> String {
                 p50_spread,
                 tput_spread,
                 cpu_spread,
+                rx_idle_cpu,
             } => {
+                let idle = rx_idle_cpu
+                    .map(|v| us(v.median))
+                    .unwrap_or_else(|| "–".into());
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {}–{} | {} ({}–{}) | {:.0} |",
+                    "| {} | {} | {} | {} | {}–{} | {} ({}–{}) | {:.0} | {} |",
                     c.name,
                     us(latency.p50 as f64),
                     us(latency.p99 as f64),
@@ -137,13 +150,14 @@ pub fn table(report: &Report) -> String {
                     rate(tput_spread.min),
                     rate(tput_spread.max),
                     cpu_spread.median,
+                    idle,
                 );
             }
             Outcome::Unavailable { reason } => {
-                let _ = writeln!(s, "| {} | n/a: {reason} | | | | | |", c.name);
+                let _ = writeln!(s, "| {} | n/a: {reason} | | | | | | |", c.name);
             }
             Outcome::Failed { error } => {
-                let _ = writeln!(s, "| {} | FAILED: {error} | | | | | |", c.name);
+                let _ = writeln!(s, "| {} | FAILED: {error} | | | | | | |", c.name);
             }
         }
     }
@@ -168,6 +182,7 @@ mod tests {
             tput_cpu_ns: 2 * msgs,
             sender_cpu_ns: 0,
             receiver_cpu_ns: 0,
+            rx_idle_cpu_ns_per_msg: Some(3000),
         }
     }
 
@@ -229,5 +244,9 @@ mod tests {
             }],
         };
         assert!(table(&r).contains("| bpf | n/a: no CAP_BPF |"));
+        assert_eq!(
+            table(&r).lines().nth(1).map(|l| l.matches('|').count()),
+            Some(9)
+        );
     }
 }

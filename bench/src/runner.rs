@@ -67,6 +67,10 @@ pub struct RunResult {
     pub sender_cpu_ns: u64,
     /// Receiver thread CPU over the throughput phase, ns.
     pub receiver_cpu_ns: u64,
+    /// Receiver thread CPU per recorded latency message, ns: what a
+    /// consumer pays per sporadic event, waiting included (a spinning
+    /// receiver burns the whole gap; kernel helper threads not counted).
+    pub rx_idle_cpu_ns_per_msg: Option<u64>,
 }
 
 impl RunResult {
@@ -93,6 +97,7 @@ enum Done {
 
 struct ReceiverOut {
     latency_ns: Vec<u64>,
+    rx_idle_cpu_ns_per_msg: u64,
     tput_end_ns: u64,
     tput_end_cpu: u64,
     tput_received: u64,
@@ -172,6 +177,8 @@ fn receiver_loop(
     let mut expect = 0u64;
     let mut buf = Vec::with_capacity(256);
     let mut thread0 = thread_cpu_ns();
+    let mut lat_cpu0 = 0;
+    let mut rx_idle_cpu_ns_per_msg = 0;
     loop {
         buf.clear();
         rx.recv(&mut buf)?;
@@ -190,8 +197,13 @@ fn receiver_loop(
                 if m.seq() >= cfg.warmup {
                     latency_ns.push(t.saturating_sub(m.send_ns()));
                 }
+                if m.seq() == cfg.warmup {
+                    lat_cpu0 = thread_cpu_ns();
+                }
                 if m.seq() + 1 == lat_total {
                     thread0 = thread_cpu_ns();
+                    rx_idle_cpu_ns_per_msg =
+                        (thread0 - lat_cpu0.min(thread0)) / cfg.lat_msgs.saturating_sub(1).max(1);
                 }
                 ack.store(m.seq() + 1, Ordering::Release);
             } else if m.is_end() {
@@ -200,6 +212,7 @@ fn receiver_loop(
                     tput_end_ns: t,
                     tput_end_cpu: process_cpu_ns(),
                     tput_received: expect - lat_total,
+                    rx_idle_cpu_ns_per_msg,
                     thread_cpu_ns: thread_cpu_ns() - thread0,
                 });
             }
@@ -305,6 +318,7 @@ pub fn run_once(ch: &dyn Channel, cfg: &RunConfig) -> Result<RunResult, ChanErro
         tput_cpu_ns: r.tput_end_cpu.saturating_sub(s.tput_start_cpu),
         sender_cpu_ns: s.thread_cpu_ns,
         receiver_cpu_ns: r.thread_cpu_ns,
+        rx_idle_cpu_ns_per_msg: Some(r.rx_idle_cpu_ns_per_msg),
     })
 }
 

@@ -8,7 +8,11 @@ use crate::shm_ring::{ring, Consumer, Producer};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-pub struct FutexRing;
+/// `spin_ns`: spin this long on an empty ring before sleeping (0: sleep at
+/// once), the spin-then-sleep poller virtio-milk's runtime uses.
+pub struct FutexRing {
+    pub spin_ns: u64,
+}
 
 #[derive(Default)]
 struct EventCount {
@@ -19,7 +23,7 @@ struct EventCount {
 }
 
 struct Tx(Producer, Arc<EventCount>);
-struct Rx(Consumer, Arc<EventCount>);
+struct Rx(Consumer, Arc<EventCount>, u64);
 
 fn futex(word: &AtomicU32, op: libc::c_int, val: u32) -> libc::c_long {
     // SAFETY: `word` is a live, aligned u32 for the duration of the call; the
@@ -55,6 +59,15 @@ impl MsgReceiver for Rx {
             if self.0.drain_into(out) > 0 {
                 return Ok(());
             }
+            if self.2 > 0 {
+                let until = crate::clock::now_ns() + self.2;
+                while !self.0.has_data() && crate::clock::now_ns() < until {
+                    std::hint::spin_loop();
+                }
+                if self.0.drain_into(out) > 0 {
+                    return Ok(());
+                }
+            }
             let ec = &self.1;
             ec.waiting.store(1, Ordering::SeqCst);
             let seen = ec.seq.load(Ordering::SeqCst);
@@ -72,22 +85,44 @@ impl MsgReceiver for Rx {
 
 impl Channel for FutexRing {
     fn name(&self) -> String {
-        "futex + shm ring".into()
+        if self.spin_ns > 0 {
+            format!("futex + shm ring, spin {} µs", self.spin_ns / 1000)
+        } else {
+            "futex + shm ring".into()
+        }
     }
     fn describe(&self) -> String {
-        "64 B slots in a shared ring; FUTEX_WAKE only when the receiver sleeps".into()
+        let spin = if self.spin_ns > 0 {
+            format!(
+                "; receiver spins {} µs before sleeping",
+                self.spin_ns / 1000
+            )
+        } else {
+            String::new()
+        };
+        format!("64 B slots in a shared ring; FUTEX_WAKE only when the receiver sleeps{spin}")
     }
     fn open(&self) -> Result<Pair, ChanError> {
         let (p, c) = ring(1024);
         let ec = Arc::new(EventCount::default());
-        Ok((Box::new(Tx(p, ec.clone())), Box::new(Rx(c, ec))))
+        Ok((
+            Box::new(Tx(p, ec.clone())),
+            Box::new(Rx(c, ec, self.spin_ns)),
+        ))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::FutexRing;
+
     #[test]
     fn futex_ring_delivers_all_in_order() {
-        crate::runner::check_channel(&super::FutexRing);
+        crate::runner::check_channel(&FutexRing { spin_ns: 0 });
+    }
+
+    #[test]
+    fn futex_ring_spin_then_sleep_delivers_all_in_order() {
+        crate::runner::check_channel(&FutexRing { spin_ns: 50_000 });
     }
 }

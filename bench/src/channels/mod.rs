@@ -45,7 +45,8 @@ pub fn all(opts: &ChannelOpts) -> Vec<Box<dyn Row>> {
         Box::new(unix::UnixSocket { seqpacket: true }),
         Box::new(mqueue::MQueue),
         Box::new(signal::RtSignal),
-        Box::new(futex_ring::FutexRing),
+        Box::new(futex_ring::FutexRing { spin_ns: 0 }),
+        Box::new(futex_ring::FutexRing { spin_ns: 50_000 }),
         Box::new(spin_ring::SpinRing),
         Box::new(uring_pipe::UringPipe {
             sqpoll: false,

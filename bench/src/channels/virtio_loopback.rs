@@ -159,6 +159,8 @@ mod imp {
                 tput_cpu_ns: cpu,
                 sender_cpu_ns: guest_cpu,
                 receiver_cpu_ns: cpu.saturating_sub(guest_cpu),
+                // The host side is the loopback's own thread: not measured.
+                rx_idle_cpu_ns_per_msg: None,
             })
         }
     }
