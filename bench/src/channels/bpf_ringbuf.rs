@@ -96,7 +96,7 @@ pub struct Loaded {
 }
 
 struct Tx {
-    loaded: Arc<Loaded>,
+    _loaded: Arc<Loaded>,
     /// Read-only view of both positions, for back-pressure: the kernel
     /// producer would silently drop when the ring is full.
     cons: Mmap,
@@ -137,7 +137,6 @@ impl MsgSender for Tx {
         }
         *self.buf = *m;
         trigger(MAGIC, self.buf.0.as_ptr() as u64, self.flags);
-        let _ = &self.loaded;
         Ok(())
     }
 }
@@ -235,7 +234,7 @@ impl Channel for BpfRingbuf {
         };
         Ok((
             Box::new(Tx {
-                loaded: loaded.clone(),
+                _loaded: loaded.clone(),
                 cons,
                 prod,
                 buf: Box::default(),
