@@ -187,3 +187,28 @@ pub fn page_size() -> usize {
         4096
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bpf::insn::Asm;
+
+    /// A program the verifier must refuse (R0 is never set before exit)
+    /// becomes a row-level explanation, not a crash or a bare errno.
+    #[test]
+    fn rejected_program_explains_why() {
+        let mut a = Asm::new();
+        a.exit();
+        let insns = a.finish().expect("assembles");
+        match prog_load(&insns, "milk_bad", None) {
+            Err(ChanError::Unavailable(why)) => {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    assert!(why.contains("verifier rejected milk_bad"), "{why}");
+                    assert!(why.contains("R0"), "verifier log missing: {why}");
+                }
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}
