@@ -261,7 +261,11 @@ fn test_suite() -> Res<ExitCode> {
     eprintln!("initramfs {}", milk_images::ensure_initramfs()?.display());
     step(
         "tests",
-        cargo().args(["test", "--workspace", "--release", "--", "--test-threads=2"]),
+        cargo().args(["test", "--workspace", "--", "--test-threads=2"]),
+    )?;
+    step(
+        "benchmark smoke run",
+        cargo().args(["run", "--release", "-p", "milk-bench", "--", "--smoke"]),
     )?;
     Ok(ExitCode::SUCCESS)
 }
