@@ -87,11 +87,20 @@ fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
     ] {
         assert!(serial.contains(e820), "e820 map line {e820:?}: {ctx}");
     }
-    // The MP table announces both vCPUs.
-    assert!(
-        serial.contains("Allowing 2 CPUs") || serial.contains("nr_cpu_ids:2"),
-        "CPU count from the MP table: {ctx}"
-    );
+    // The MP table (no ACPI) announces both vCPUs and the IOAPIC.
+    for line in [
+        "found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]",
+        "MPTABLE: OEM ID: MILK",
+        "Processor #1",
+        "IOAPIC[0]: apic_id 2",
+        "Processors: 2",
+        "nr_cpu_ids:2",
+    ] {
+        assert!(
+            serial.contains(line),
+            "CPU count / MP table line {line:?}: {ctx}"
+        );
+    }
 
     match detect_kvm() {
         KvmSupport::Pvm => {
