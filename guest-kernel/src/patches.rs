@@ -253,14 +253,47 @@ pub fn sync(tree: &Path, series: &Series) -> Result<bool, Error> {
             union.push(p);
         }
     }
+    let before = snapshot(tree, &union);
     if !old_touched.is_empty() {
         write_state(tree, "reverting", &old_touched)?;
         revert(tree, &old_touched)?;
     }
     write_state(tree, "applying", &union)?;
     apply(tree, series)?;
+    restore_unchanged_mtimes(tree, &before)?;
     write_state(tree, &digest, &series.touched_paths())?;
     Ok(true)
+}
+
+/// Content and modification time of each existing file among `paths`.
+fn snapshot(tree: &Path, paths: &[String]) -> Vec<(String, Vec<u8>, std::time::SystemTime)> {
+    paths
+        .iter()
+        .filter_map(|rel| {
+            let p = tree.join(rel);
+            let mtime = fs::metadata(&p).and_then(|m| m.modified()).ok()?;
+            Some((rel.clone(), fs::read(&p).ok()?, mtime))
+        })
+        .collect()
+}
+
+/// Files that end up with the content they had before keep their old mtime,
+/// so switching series rebuilds only what really changed.
+fn restore_unchanged_mtimes(
+    tree: &Path,
+    before: &[(String, Vec<u8>, std::time::SystemTime)],
+) -> Result<(), Error> {
+    for (rel, content, mtime) in before {
+        let p = tree.join(rel);
+        if fs::read(&p).is_ok_and(|now| now == *content) {
+            let f = fs::File::options()
+                .write(true)
+                .open(&p)
+                .map_err(|e| Error::io(&p, e))?;
+            f.set_modified(*mtime).map_err(|e| Error::io(&p, e))?;
+        }
+    }
+    Ok(())
 }
 
 fn write_state(tree: &Path, digest: &str, touched: &[String]) -> Result<(), Error> {
@@ -352,6 +385,37 @@ mod tests {
         assert!(sync(t, &Series::default()).unwrap());
         assert_eq!(fs::read_to_string(t.join("a.txt")).unwrap(), "one\n");
         assert!(!t.join("dir/b.txt").exists());
+    }
+
+    #[test]
+    fn switching_series_keeps_mtimes_of_files_whose_content_is_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path();
+        fs::write(t.join("a.txt"), "one\n").unwrap();
+        let both = Series {
+            patches: vec![patch("1.patch", MODIFY_A), patch("2.patch", CREATE_B)],
+        };
+        sync(t, &both).unwrap();
+        let old = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        for f in ["a.txt", "dir/b.txt"] {
+            fs::File::options()
+                .write(true)
+                .open(t.join(f))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        // Same first patch, different second one: a.txt keeps its time.
+        const CREATE_C: &str = "--- /dev/null\n+++ b/dir/c.txt\n@@ -0,0 +1 @@\n+c\n";
+        let other = Series {
+            patches: vec![patch("1.patch", MODIFY_A), patch("2.patch", CREATE_C)],
+        };
+        sync(t, &other).unwrap();
+        let mtime = |f: &str| fs::metadata(t.join(f)).unwrap().modified().unwrap();
+        assert_eq!(fs::read_to_string(t.join("a.txt")).unwrap(), "uno\n");
+        assert_eq!(mtime("a.txt"), old);
+        assert!(!t.join("dir/b.txt").exists());
+        assert!(mtime("dir/c.txt") > old);
     }
 
     #[test]
