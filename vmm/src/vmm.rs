@@ -272,6 +272,8 @@ impl Vm {
                 config.cpus
             )));
         }
+        let step = |what: &str| log::debug!("setup: {what} at {:?}", t0.elapsed());
+        step("KVM opened");
         let vm_fd = kvm.create_vm().map_err(VmmError::kvm("KVM_CREATE_VM"))?;
         vm_fd
             .set_tss_address(layout::KVM_TSS_START as usize)
@@ -290,12 +292,16 @@ impl Vm {
             .create_pit2(pit)
             .map_err(VmmError::kvm("KVM_CREATE_PIT2"))?;
 
+        step("VM created");
         let mem_size = u64::from(config.memory_mib) << 20;
         let mem = create_guest_memory(mem_size)?;
         register_memory(&vm_fd, &mem)?;
+        step("memory registered");
         cpu::write_gdt(&mem)?;
         cpu::write_page_tables(&mem)?;
+        step("page tables written");
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        step("kernel loaded");
         log::info!(
             "kernel {}: {:?}, {:?} entry at {:#x}",
             config.kernel.display(),
@@ -366,6 +372,7 @@ impl Vm {
             initrd,
         )?;
 
+        step("devices and boot data ready");
         let mut em = EventManager::<Arc<Mutex<dyn MutEventSubscriber>>>::new().map_err(|e| {
             VmmError::Io {
                 what: format!("creating the event loop: {e:?}"),
@@ -415,6 +422,7 @@ impl Vm {
                 timing: (id == 0).then(|| timing.clone()),
             });
         }
+        step("vCPUs configured");
         let _signals = config
             .handle_signals
             .then(|| TerminationSignals::install(exit.eventfd()));
