@@ -108,6 +108,16 @@ mod tests {
     }
 
     #[test]
+    fn quoted_values_survive() {
+        let c = build_cmdline("milk.run=\"exit 7\"", &[dev(0)]).unwrap();
+        let s = cmdline_string(&c).unwrap();
+        assert!(
+            s.contains(" milk.run=\"exit 7\" virtio_mmio.device="),
+            "{s}"
+        );
+    }
+
+    #[test]
     fn too_long_is_an_error() {
         let long = "a".repeat(CMDLINE_MAX_SIZE);
         assert!(build_cmdline(&long, &[]).is_err());

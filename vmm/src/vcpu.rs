@@ -227,3 +227,79 @@ impl VcpuIo<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::i8042::I8042;
+    use std::sync::Mutex;
+
+    fn io<'a>(pio: &'a Bus, mmio: &'a Bus, timing: &'a Mutex<VcpuTiming>) -> VcpuIo<'a> {
+        VcpuIo {
+            id: 0,
+            pio,
+            mmio,
+            timing: Some(timing),
+        }
+    }
+
+    #[test]
+    fn exits_are_dispatched() {
+        let exit = ExitHandle::new().unwrap();
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(I8042::new(exit.clone()))), 0x60, 5)
+            .unwrap();
+        let mmio = Bus::new();
+        let timing = Mutex::new(VcpuTiming::default());
+        let v = io(&pio, &mmio, &timing);
+        let mut hlt = false;
+
+        // Unmapped port reads float high, unmapped MMIO reads are zero.
+        let mut d = [0u8; 2];
+        assert!(matches!(
+            v.handle_exit(VcpuExit::IoIn(0x2f8, &mut d), &mut hlt),
+            Action::Continue
+        ));
+        assert_eq!(d, [0xff, 0xff]);
+        let mut m = [0xaau8; 4];
+        assert!(matches!(
+            v.handle_exit(VcpuExit::MmioRead(0xd000_0000, &mut m), &mut hlt),
+            Action::Continue
+        ));
+        assert_eq!(m, [0; 4]);
+        assert!(
+            timing.lock().unwrap().first_io_exit.is_none(),
+            "reads do not count"
+        );
+
+        // A write reaches the device; the first one is timed.
+        assert!(matches!(
+            v.handle_exit(VcpuExit::IoOut(0x64, &[0xfe]), &mut hlt),
+            Action::Continue
+        ));
+        assert_eq!(exit.reason(), Some(ExitReason::Reset));
+        assert!(timing.lock().unwrap().first_io_exit.is_some());
+
+        assert!(matches!(
+            v.handle_exit(VcpuExit::Shutdown, &mut hlt),
+            Action::Stop(ExitReason::Shutdown)
+        ));
+        assert!(matches!(
+            v.handle_exit(VcpuExit::SystemEvent(1, &[]), &mut hlt),
+            Action::Stop(ExitReason::SystemEvent(1))
+        ));
+        assert!(matches!(
+            v.handle_exit(VcpuExit::InternalError, &mut hlt),
+            Action::Fault(_)
+        ));
+        assert!(matches!(
+            v.handle_exit(VcpuExit::Intr, &mut hlt),
+            Action::Continue
+        ));
+        assert!(matches!(
+            v.handle_exit(VcpuExit::Hlt, &mut hlt),
+            Action::Stop(_)
+        ));
+        assert!(hlt);
+    }
+}

@@ -23,7 +23,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
-use crate::boot::{self, EntryMode, LoadedKernel};
+use crate::boot::{self, EntryMode};
 use crate::cmdline::{build_cmdline, cmdline_string, MmioDeviceInfo};
 use crate::cpu;
 use crate::devices::i8042::I8042;
@@ -468,8 +468,6 @@ impl Vm {
             outcome.timings.to_first_io,
             outcome.peak_rss_kib
         );
-        // Keep the kernel info alive for debugging output above.
-        let _: &LoadedKernel = &kernel;
         Ok(outcome)
     }
 }
