@@ -19,7 +19,7 @@ use crate::protocol::{
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::queue::{EngineConfig, EngineError, Interrupt, QueueConfig, QueueEngine};
-use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, RuntimeHandle};
+use crate::runtime::{RawDecision, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle};
 
 /// Makes a fresh policy instance (e.g. `|| milk_policies::by_name("fifo").unwrap()`).
 pub type PolicyFactory = Box<dyn Fn() -> Box<dyn Policy> + Send>;
@@ -190,13 +190,40 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         self.running.as_ref().and_then(RuntimeHandle::snapshot)
     }
 
+    /// Testing / fault-injection hook: write `decisions` unvalidated (see
+    /// [`RuntimeHandle::inject_decisions`]). Returns false (nothing sent) when no runtime
+    /// is running.
+    pub fn inject_decisions(&self, decisions: &[RawDecision]) -> bool {
+        match &self.running {
+            Some(h) => {
+                h.inject_decisions(decisions);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Stop the host runtime but keep the queues (GOODBYE: the guest falls back to its own
     /// scheduler). Returns the stopped runtime's summary; no-op if not running.
     pub fn pause(&mut self) -> Result<Option<Summary>, DeviceError> {
+        self.pause_with(false)
+    }
+
+    /// Like [`Self::pause`] but without GOODBYE: the guest sees a host that went silent
+    /// and falls back after its host timeout (crash simulation for tests).
+    pub fn pause_silently(&mut self) -> Result<Option<Summary>, DeviceError> {
+        self.pause_with(true)
+    }
+
+    fn pause_with(&mut self, silent: bool) -> Result<Option<Summary>, DeviceError> {
         let Some(h) = self.running.take() else {
             return Ok(None);
         };
-        let rt = h.stop()?;
+        let rt = if silent {
+            h.stop_silently()?
+        } else {
+            h.stop()?
+        };
         let summary = rt.summary();
         self.parked = Some(rt.into_engine());
         Ok(Some(summary))

@@ -187,6 +187,14 @@ pub struct Metrics {
     /// Event -> decision latency (ns) measured on the host: from the poll that received the
     /// event making a task runnable to the RUN decision being queued.
     pub latency: Histogram,
+    /// Decision -> applied latency (ns), host clock: from a RUN being queued to the poll
+    /// that received its OK ack (delivery, the guest's dispatch() applying it, the ack's
+    /// trip back). Only RUNs the runtime is committed to (not injected ones).
+    pub apply_latency: Histogram,
+    /// Decisions written by the fault-injection hook (`RuntimeHandle::inject_decisions`).
+    pub injected: u64,
+    /// Acks of injected decisions, by status (also included in `acks`).
+    pub injected_acks: [u64; AckStatus::COUNT],
 }
 
 impl Default for Metrics {
@@ -206,6 +214,9 @@ impl Default for Metrics {
             policy_swaps: 0,
             guest_fallbacks: 0,
             latency: Histogram::default(),
+            apply_latency: Histogram::default(),
+            injected: 0,
+            injected_acks: [0; AckStatus::COUNT],
         }
     }
 }
@@ -317,7 +328,24 @@ impl fmt::Display for Summary {
             fmt_ns(m.latency.percentile(99.0)),
             m.latency.count(),
             fmt_ns(m.latency.max())
-        )
+        )?;
+        if m.apply_latency.count() > 0 {
+            write!(
+                f,
+                "\n  decision->applied ack: p50 {} p99 {} (n={}, max {})",
+                fmt_ns(m.apply_latency.percentile(50.0)),
+                fmt_ns(m.apply_latency.percentile(99.0)),
+                m.apply_latency.count(),
+                fmt_ns(m.apply_latency.max())
+            )?;
+        }
+        if m.injected > 0 {
+            write!(f, "\n  injected decisions: {}, acks:", m.injected)?;
+            for s in AckStatus::ALL {
+                write!(f, " {} {}", s.name(), m.injected_acks[s as usize])?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -75,12 +75,60 @@ pub enum RuntimeError {
     Panicked,
 }
 
+/// Cookie bit marking decisions written by [`RuntimeHandle::inject_decision`]; the runtime
+/// never hands out such cookies itself, so their acks are told apart and counted in
+/// [`crate::metrics::Metrics::injected_acks`].
+pub const INJECTED_COOKIE: u64 = 1 << 63;
+
+/// Kind of an injected decision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RawKind {
+    /// RUN(pid, cpu, seq, slice_ns).
+    Run,
+    /// PREEMPT(cpu) naming `pid` as the task expected to run there (0: whatever runs).
+    Preempt,
+}
+
+/// A decision written to the guest exactly as given, bypassing every check the runtime
+/// applies to policy output (task known, seq current, CPU allowed and free). Testing and
+/// fault-injection hook: it lets a test play a buggy or hostile host and verify that the
+/// guest rejects the decision with the right status. See [`RuntimeHandle::inject_decision`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RawDecision {
+    /// RUN or PREEMPT.
+    pub kind: RawKind,
+    /// Target CPU written in the record (may be out of range).
+    pub cpu: u16,
+    /// Task.
+    pub pid: Pid,
+    /// Sequence number written in the record (may be stale).
+    pub seq: u64,
+    /// Slice for RUN (0: the guest's default).
+    pub slice_ns: u64,
+}
+
+impl RawDecision {
+    /// A RUN decision.
+    pub fn run(pid: Pid, cpu: u16, seq: u64) -> Self {
+        RawDecision {
+            kind: RawKind::Run,
+            cpu,
+            pid,
+            seq,
+            slice_ns: 0,
+        }
+    }
+}
+
 /// Shared between a running runtime thread and its [`RuntimeHandle`].
 #[derive(Default)]
 pub struct Control {
     stop: AtomicBool,
+    silent: AtomicBool,
     swap_pending: AtomicBool,
     mailbox: Mutex<Option<Box<dyn Policy>>>,
+    inject_pending: AtomicBool,
+    injections: Mutex<Vec<RawDecision>>,
     snapshot: Mutex<Option<Summary>>,
 }
 
@@ -103,6 +151,22 @@ impl Control {
         *self.mailbox.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
         self.swap_pending.store(true, Ordering::Release);
     }
+
+    /// Ask the loop to return without telling the guest (no GOODBYE), as a crashed host
+    /// would: the guest only notices through its host-silence timeout.
+    pub fn request_silent_stop(&self) {
+        self.silent.store(true, Ordering::Release);
+        self.request_stop();
+    }
+
+    /// Queue raw decisions for the loop to write (see [`RawDecision`]).
+    pub fn request_injection(&self, d: &[RawDecision]) {
+        self.injections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(d);
+        self.inject_pending.store(true, Ordering::Release);
+    }
 }
 
 /// A policy runtime bound to one queue engine.
@@ -118,6 +182,10 @@ pub struct Runtime<M: GuestMemory> {
     cookie: u64,
     /// Cookie of the RUN each CPU is committed to (0: none).
     inflight: Vec<u64>,
+    /// When that RUN was queued (host monotonic ns).
+    inflight_ns: Vec<u64>,
+    /// Injected decisions written so far (their cookies count up under INJECTED_COOKIE).
+    injected: u64,
     heartbeats: u64,
     last_heartbeat: Instant,
     started: Instant,
@@ -141,7 +209,9 @@ impl<M: GuestMemory> Runtime<M> {
             session_id: 0,
             established: false,
             cookie: 0,
+            inflight_ns: inflight.clone(),
             inflight,
+            injected: 0,
             heartbeats: 0,
             last_heartbeat: Instant::now(),
             started: Instant::now(),
@@ -249,6 +319,7 @@ impl<M: GuestMemory> Runtime<M> {
             *c = CpuState::Idle;
         }
         self.inflight = vec![0; self.view.cpus.len()];
+        self.inflight_ns = vec![0; self.view.cpus.len()];
         self.policy.attach(&self.view);
         let hello = Message::Hello(self.session_record(0));
         self.send_session(hello);
@@ -333,6 +404,14 @@ impl<M: GuestMemory> Runtime<M> {
                     self.swap_policy(p);
                 }
             }
+            if ctl.inject_pending.swap(false, Ordering::AcqRel) {
+                let raw =
+                    std::mem::take(&mut *ctl.injections.lock().unwrap_or_else(|e| e.into_inner()));
+                for d in raw {
+                    self.inject(d);
+                }
+                self.engine.flush();
+            }
             let n = self.step();
             let now = Instant::now();
             self.maybe_heartbeat(now);
@@ -365,8 +444,40 @@ impl<M: GuestMemory> Runtime<M> {
             self.engine.disable_notifications();
             last_work = Instant::now();
         }
-        if self.cfg.goodbye_on_stop && self.session_id != 0 {
+        if self.cfg.goodbye_on_stop && self.session_id != 0 && !ctl.silent.load(Ordering::Acquire) {
             self.end_session(GOODBYE_STOPPED);
+        }
+    }
+
+    /// Write `d` to the guest as is (testing / fault injection, see [`RawDecision`]). The
+    /// record goes to the decision queue of `d.cpu`, or of CPU 0 when `d.cpu` is out of
+    /// range. Returns false if the queue's backlog was full.
+    pub fn inject(&mut self, d: RawDecision) -> bool {
+        self.injected += 1;
+        let info = DecisionInfo {
+            cpu: d.cpu,
+            pid: d.pid,
+            seq: d.seq,
+            slice_ns: d.slice_ns,
+            cookie: INJECTED_COOKIE | self.injected,
+            ts_ns: monotonic_ns(),
+        };
+        let rec = match d.kind {
+            RawKind::Run => Message::Run(info),
+            RawKind::Preempt => Message::Preempt(info),
+        };
+        let queue = if u32::from(d.cpu) < self.engine.num_cpus() {
+            d.cpu
+        } else {
+            0
+        };
+        log::info!("injecting {d:?} on queue {queue}");
+        if self.engine.push_decision(queue, rec.encode()) {
+            self.metrics.injected += 1;
+            true
+        } else {
+            self.metrics.queue_full += 1;
+            false
         }
     }
 
@@ -538,12 +649,13 @@ impl<M: GuestMemory> Runtime<M> {
                 decision_type,
                 target_cpu,
                 ..
-            } => self.handle_ack(pid, status, seq, cookie, decision_type, target_cpu),
+            } => self.handle_ack(pid, status, seq, cookie, decision_type, target_cpu, now),
             // parse_record never yields decisions for the event queue.
             Message::Run(_) | Message::Preempt(_) => {}
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn handle_ack(
         &mut self,
         pid: Pid,
@@ -552,8 +664,15 @@ impl<M: GuestMemory> Runtime<M> {
         cookie: u64,
         ty: u16,
         cpu: u16,
+        now: u64,
     ) {
         self.metrics.acks[status as usize] += 1;
+        if cookie & INJECTED_COOKIE != 0 {
+            // Ours, but not the policy's: counted, never shown to the policy or matched
+            // against the CPU's in-flight RUN.
+            self.metrics.injected_acks[status as usize] += 1;
+            return;
+        }
         if ty == msg::RUN {
             let c = usize::from(cpu);
             // Only the ack of the RUN this CPU is committed to resolves it; acks of older
@@ -564,6 +683,11 @@ impl<M: GuestMemory> Runtime<M> {
                 return;
             }
             self.inflight[c] = 0;
+            if status == AckStatus::Ok {
+                if let Some(&sent) = self.inflight_ns.get(c) {
+                    self.metrics.apply_latency.record(now.saturating_sub(sent));
+                }
+            }
             if self.view.cpus[c] == CpuState::Committed(pid) {
                 self.view.cpus[c] = if status == AckStatus::Ok {
                     CpuState::Running(pid)
@@ -653,6 +777,9 @@ impl<M: GuestMemory> Runtime<M> {
                     if let Some(slot) = self.inflight.get_mut(c) {
                         *slot = self.cookie;
                     }
+                    if let Some(slot) = self.inflight_ns.get_mut(c) {
+                        *slot = now;
+                    }
                     self.metrics.decisions_run += 1;
                     self.metrics
                         .latency
@@ -730,6 +857,24 @@ impl<M: GuestMemory> RuntimeHandle<M> {
     /// first period).
     pub fn snapshot(&self) -> Option<Summary> {
         self.ctl.snapshot()
+    }
+
+    /// Testing / fault-injection hook: write `decisions` to the guest at the next loop
+    /// iteration exactly as given, bypassing the runtime's validation of policy output
+    /// (stale seqs, unknown pids, disallowed or out-of-range CPUs all go through). Their
+    /// cookies carry [`INJECTED_COOKIE`]; the guest's acks are counted by status in
+    /// `Metrics::injected_acks` (and in `Metrics::acks`) and never reach the policy.
+    /// Not for production use: a correct host never needs it.
+    pub fn inject_decisions(&self, decisions: &[RawDecision]) {
+        self.ctl.request_injection(decisions);
+        let _ = self.kick.write(1);
+    }
+
+    /// Like [`Self::stop`] but without GOODBYE, whatever the configuration: the guest
+    /// sees a host that went silent (crash simulation for tests).
+    pub fn stop_silently(self) -> Result<Runtime<M>, RuntimeError> {
+        self.ctl.request_silent_stop();
+        self.stop()
     }
 
     /// Stop the loop (sending GOODBYE if configured) and get the runtime back, e.g. for

@@ -717,3 +717,100 @@ fn device_pause_and_resume_mid_workload() {
         "the BLOCKED of the old session hit an unknown task"
     );
 }
+
+#[test]
+fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
+    use virtio_milk::runtime::{RawDecision, INJECTED_COOKIE};
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, rt) = setup(Box::new(p));
+    let h = rt.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while !got.iter().any(|m| matches!(m, Message::Hello(_))) {
+        assert!(Instant::now() < deadline, "no HELLO");
+        got.extend(g.recv(0));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // A real task pinned to CPU 0 gets a real RUN first.
+    g.send(
+        0,
+        &[task_new(5, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 5, 2)],
+    );
+    let mut real = Vec::new();
+    while real.is_empty() {
+        assert!(Instant::now() < deadline, "no RUN");
+        real = runs(&g.recv(0));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Nothing the runtime would send: an unknown pid, a stale seq, a CPU outside the
+    // task's mask (CPU 1 while pid 5 may only use CPU 0).
+    h.inject_decisions(&[
+        RawDecision::run(4242, 0, 1),
+        RawDecision::run(5, 0, 1),
+        RawDecision::run(5, 1, 2),
+    ]);
+    let mut inj = Vec::new();
+    while inj.len() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "injected decisions not written: {inj:?}"
+        );
+        inj.extend(runs(&g.recv(0)));
+        inj.extend(runs(&g.recv(1)));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    inj.sort_by_key(|d| d.cookie);
+    assert!(inj.iter().all(|d| d.cookie & INJECTED_COOKIE != 0));
+    let fields: Vec<_> = inj.iter().map(|d| (d.pid, d.cpu, d.seq)).collect();
+    assert_eq!(fields, [(4242, 0, 1), (5, 0, 1), (5, 1, 2)]);
+    // The guest rejects them; it applies the real one.
+    g.send(
+        0,
+        &[
+            ack(&inj[0], AckStatus::NoTask),
+            ack(&inj[1], AckStatus::Stale),
+            ack(&inj[2], AckStatus::BadCpu),
+            ack(&real[0], AckStatus::Ok),
+        ],
+    );
+    let s = loop {
+        assert!(Instant::now() < deadline, "acks not counted");
+        if let Some(s) = h.snapshot() {
+            if s.metrics.acks_total() == 4 {
+                break s;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let m = &s.metrics;
+    assert_eq!(m.injected, 3);
+    assert_eq!(m.injected_acks, [0, 1, 1, 1, 0]);
+    assert_eq!(m.acks, [1, 1, 1, 1, 0]);
+    assert_eq!(m.unmatched_acks, 0, "injected acks are not policy acks");
+    assert_eq!(m.apply_latency.count(), 1, "the real RUN's ack is timed");
+    assert!(s.to_string().contains("injected decisions: 3"), "{s}");
+    // The policy saw only its own decision's ack.
+    let acks: Vec<_> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, PolicyEvent::Ack { .. }))
+        .copied()
+        .collect();
+    assert_eq!(
+        acks,
+        [PolicyEvent::Ack {
+            pid: 5,
+            cpu: 0,
+            status: AckStatus::Ok
+        }]
+    );
+    // A silent stop sends no GOODBYE.
+    let rt = h.stop_silently().unwrap();
+    let after = g.recv(0);
+    assert!(
+        !after.iter().any(|m| matches!(m, Message::Goodbye(_))),
+        "{after:?}"
+    );
+    assert_eq!(rt.summary().metrics.injected, 3);
+}
