@@ -6,7 +6,12 @@
  * (an integer hash chain of WORK steps) followed by a sleep of SLEEP_US
  * microseconds, so the scheduler sees a steady mix of wakeups, runs and
  * blocks. Every thread's final hash is compared against the same chain
- * computed once in the main thread. Prints one summary line:
+ * computed once in the main thread. Prints a start marker as the threads
+ * are created (hosts use it to act mid-workload):
+ *
+ *   milk-work: start pid=123 threads=64
+ *
+ * and one summary line at the end:
  *
  *   milk-work: threads=64 rounds=20 ok=64 bad=0 wakeups=1280 elapsed_ms=...
  *
@@ -123,6 +128,8 @@ int main(int argc, char **argv)
 		perror("milk-work: calloc");
 		return 1;
 	}
+	printf("milk-work: start pid=%d threads=%lu\n", (int)getpid(), threads);
+	fflush(stdout);
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (i = 0; i < threads; i++) {
 		ws[i].id = i;
