@@ -17,7 +17,10 @@
 //!   queue engine) implements, and [`EchoBackend`] for tests;
 //! - [`qemu_args`]: the matching QEMU options;
 //! - [`transport`]: [`IvshmemTransport`], all of the above plus the serving loop;
-//! - `milk` (feature `virtio-milk`): `MilkBackend`, virtio-milk's device as a backend.
+//! - `milk` (feature `virtio-milk`): `MilkBackend`, virtio-milk's device as a
+//!   backend, and `MilkControl`, a handle on it for other threads;
+//! - `session` (feature `virtio-milk`): a whole guest run with a policy by
+//!   name (`run_milk_guest`, or `MilkHost` for callers that run QEMU).
 //!
 //! Data path: the driver's doorbell write `(host_peer << 16) | (1 + n)` makes
 //! QEMU write the host eventfd of vector `1 + n`, which the backend holds as
@@ -34,6 +37,8 @@ pub mod proto;
 pub mod qemu_args;
 pub mod regs;
 pub mod server;
+#[cfg(feature = "virtio-milk")]
+pub mod session;
 pub mod shm;
 pub mod transport;
 

@@ -1,0 +1,427 @@
+//! The MOM end to end under QEMU TCG: the real guest (Linux 6.12 with the
+//! virtio-over-ivshmem transport, the virtio_milk driver and the sched_ext
+//! bridge `milk`) scheduled by a host policy through
+//! `milk_ivshmem::session::run_milk_guest`.
+//!
+//! - `guest_is_scheduled_by_the_host_fifo_policy`: sched_ext enabled with ops
+//!   `milk`, a 64-thread workload completes and checks itself, host and guest
+//!   counters agree, at least one applied decision per workload wakeup, no
+//!   protocol errors;
+//! - `host_stop_mid_workload_falls_back_within_1s_and_restart_reenables`:
+//!   GOODBYE mid-workload, CFS fallback measured in the guest, workload
+//!   completes, a new runtime re-enables milk;
+//! - `hostile_host_decisions_are_rejected_and_counted`: injected RUNs with an
+//!   unknown pid, a stale seq, a CPU outside the task's mask and a CPU out of
+//!   range are rejected with NO_TASK / STALE / BAD_CPU on both sides, and the
+//!   guest keeps scheduling with milk;
+//! - `bench_real_guest_latency_and_throughput` (ignored): the numbers of
+//!   docs/benchmarks.md, "virtio-milk with a real guest (QEMU TCG)".
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use milk_harness::GuestSpec;
+use milk_ivshmem::session::{run_milk_guest, GuestControl, MilkGuestConfig, MilkRun};
+use virtio_milk::metrics::Summary;
+use virtio_milk::protocol::{msg, AckStatus};
+use virtio_milk::runtime::RawDecision;
+
+/// Guest CPUs (the kernel is built with ACPI, so QEMU's `pc` brings up both).
+const CPUS: u32 = 2;
+
+fn kconfig_has(config: &std::path::Path, opt: &str) -> bool {
+    std::fs::read_to_string(config)
+        .map(|t| t.lines().any(|l| l == format!("{opt}=y")))
+        .unwrap_or(false)
+}
+
+/// The guest with `script` as its `milk.run` command, 2 CPUs, fifo policy.
+fn config(script: &str) -> MilkGuestConfig {
+    let g = milk_tests::guest();
+    for opt in [
+        "CONFIG_VIRTIO_IVSHMEM",
+        "CONFIG_VIRTIO_MILK",
+        "CONFIG_SCHED_EXT_MILK",
+        "CONFIG_ACPI",
+    ] {
+        assert!(
+            kconfig_has(&g.kernel.config, opt),
+            "the guest kernel lacks {opt}=y"
+        );
+    }
+    let mut spec = GuestSpec::new(&g.kernel.vmlinux);
+    spec.initrd = Some(g.initrd.clone());
+    spec.cpus = CPUS;
+    spec.timeout = Duration::from_secs(150);
+    spec.cmdline = format!("milk.run=\"{script}\"");
+    assert!(
+        !script.contains('"'),
+        "/init ends milk.run at a double quote"
+    );
+    // x86 COMMAND_LINE_SIZE: a longer script would be cut silently.
+    assert!(spec.full_cmdline().len() < 2048, "guest script too long");
+    MilkGuestConfig::new(spec, "fifo")
+}
+
+/// Waits (up to 10 s) until the bridge reports `enabled`.
+const WAIT_ENABLED: &str = "W(){ i=0;while [ $(cat /sys/kernel/milk/state) != enabled ]\
+&&[ $i -lt 200 ];do usleep 50000;i=$((i+1));done; };";
+
+/// Prints every bridge counter as `MILKC name=value`.
+const PRINT_COUNTERS: &str = "for f in /sys/kernel/milk/*;do echo MILKC ${f##*/}=$(cat $f);done;";
+
+fn run(cfg: &MilkGuestConfig, on_line: &mut dyn FnMut(&str, &GuestControl)) -> MilkRun {
+    let _ = env_logger::builder().is_test(true).try_init();
+    let run = run_milk_guest(cfg, &mut |l, c| {
+        println!("guest| {l}");
+        on_line(l, c)
+    })
+    .expect("guest ran to its end");
+    for (i, s) in run.summaries.iter().enumerate() {
+        println!("runtime run {i}:\n{s}");
+    }
+    println!(
+        "transport: {:?}; guest run {:?}",
+        run.device, run.outcome.elapsed
+    );
+    run
+}
+
+/// `key=value` words of a line, as a map.
+fn fields(line: &str) -> HashMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// The bridge counters the guest printed last (`MILKC` lines).
+fn counters(run: &MilkRun) -> HashMap<String, String> {
+    run.outcome
+        .console
+        .iter()
+        .filter_map(|l| l.strip_prefix("MILKC "))
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn counter(c: &HashMap<String, String>, name: &str) -> u64 {
+    c.get(name)
+        .unwrap_or_else(|| panic!("no bridge counter {name}: {c:?}"))
+        .parse()
+        .unwrap_or_else(|_| panic!("counter {name} is not a number: {c:?}"))
+}
+
+/// The workload's summary lines (`milk-work: threads=...`), in order.
+fn work_results(run: &MilkRun) -> Vec<HashMap<String, String>> {
+    run.outcome
+        .console
+        .iter()
+        .filter(|l| l.starts_with("milk-work: threads="))
+        .map(|l| fields(l))
+        .collect()
+}
+
+fn num(f: &HashMap<String, String>, k: &str) -> u64 {
+    f.get(k)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {k} in {f:?}"))
+}
+
+fn line_index(run: &MilkRun, pred: impl Fn(&str) -> bool) -> Option<usize> {
+    run.outcome.console.iter().position(|l| pred(l))
+}
+
+fn ack(s: &Summary, st: AckStatus) -> u64 {
+    s.metrics.acks[st as usize]
+}
+
+/// The protocol-error and consistency checks every run must pass.
+fn assert_clean(run: &MilkRun, c: &HashMap<String, String>) {
+    for s in &run.summaries {
+        assert_eq!(s.engine.malformed_total(), 0, "malformed records:\n{s}");
+    }
+    assert_eq!(
+        counter(c, "bad_records"),
+        0,
+        "the guest dropped host records"
+    );
+    assert_eq!(counter(c, "inbox_full"), 0);
+    assert_eq!(run.device.needs_reset, 0, "{:?}", run.device);
+    assert_eq!(run.device.activations, 1, "{:?}", run.device);
+}
+
+#[test]
+fn guest_is_scheduled_by_the_host_fifo_policy() {
+    let script = format!(
+        "{WAIT_ENABLED}W;echo SCX $(cat /sys/kernel/sched_ext/state) \
+         $(cat /sys/kernel/sched_ext/root/ops);milk-work -t 64 -r 20 -w 20000 -s 2000;r=$?;\
+         {PRINT_COUNTERS}exit $r"
+    );
+    let cfg = config(&script);
+    let run = run(&cfg, &mut |_, _| {});
+    assert_eq!(run.status(), Some(0), "workload failed");
+    assert!(
+        run.outcome.console_has("SCX enabled milk"),
+        "sched_ext not enabled with ops milk"
+    );
+    let w = work_results(&run);
+    assert_eq!(w.len(), 1);
+    assert_eq!(num(&w[0], "threads"), 64);
+    assert_eq!(num(&w[0], "ok"), 64);
+    assert_eq!(num(&w[0], "bad"), 0);
+    let wakeups = num(&w[0], "wakeups");
+    assert_eq!(wakeups, 64 * 20, "every round sleeps once");
+
+    let c = counters(&run);
+    assert_clean(&run, &c);
+    assert_eq!(c.get("state").map(String::as_str), Some("enabled"));
+    assert_eq!(counter(&c, "enables"), 1);
+    assert_eq!(counter(&c, "disables"), 0);
+    assert_eq!(counter(&c, "host_timeouts"), 0);
+    assert_eq!(counter(&c, "host_goodbyes"), 0);
+    let applied = counter(&c, "decisions_applied");
+    let sent = counter(&c, "messages_sent");
+    assert!(
+        applied >= wakeups,
+        "guest applied {applied} decisions for {wakeups} workload wakeups"
+    );
+
+    // One runtime run, ended by the device reset when QEMU exited.
+    assert_eq!(run.summaries.len(), 1);
+    let s = &run.summaries[0];
+    assert_eq!(s.policy, "fifo");
+    let m = &s.metrics;
+    let host_wakeups = m.msgs_by_type[usize::from(msg::TASK_WAKEUP)];
+    assert!(host_wakeups >= wakeups, "host saw {host_wakeups} wakeups");
+    assert!(m.decisions_run >= wakeups, "{s}");
+    assert!(ack(s, AckStatus::Ok) >= wakeups, "{s}");
+    // The guest's counters were read before the end; the host's are final.
+    assert!(
+        m.messages() >= sent,
+        "host received {} messages, guest sent {sent}",
+        m.messages()
+    );
+    assert!(ack(s, AckStatus::Ok) >= applied, "{s}");
+    for (st, name) in [
+        (AckStatus::Stale, "rejected_stale"),
+        (AckStatus::NoTask, "rejected_no_task"),
+        (AckStatus::BadCpu, "rejected_bad_cpu"),
+        (AckStatus::NotRunnable, "rejected_not_runnable"),
+    ] {
+        assert!(ack(s, st) >= counter(&c, name), "{name}: {s}");
+    }
+    assert!(s.engine.records_out >= counter(&c, "decisions_received"));
+    assert_eq!(m.injected, 0);
+    assert!(m.latency.count() >= wakeups);
+    assert!(m.apply_latency.count() > 0);
+    println!(
+        "workload wakeups {wakeups}; guest applied {applied}, fallbacks {}; host TASK_WAKEUP \
+         {host_wakeups}, RUN {}, OK acks {}",
+        counter(&c, "local_fallbacks"),
+        m.decisions_run,
+        ack(s, AckStatus::Ok)
+    );
+}
+
+/// A `milk-mon` line's fields (see images/workloads/milk-mon.c).
+fn mon_lines(run: &MilkRun) -> Vec<(usize, HashMap<String, String>)> {
+    run.outcome
+        .console
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("milk-mon: "))
+        .map(|(i, l)| (i, fields(l)))
+        .collect()
+}
+
+#[test]
+fn host_stop_mid_workload_falls_back_within_1s_and_restart_reenables() {
+    // milk-mon samples the state every 10 ms and prints changes with
+    // timestamps; the host stops its runtime when the workload starts and
+    // starts a new one when it ends; the guest waits for the second enable,
+    // then runs a small workload under milk again.
+    let script = format!(
+        "{WAIT_ENABLED}W;milk-mon -i 10 & \
+         milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
+         i=0;while [ $(cat /sys/kernel/milk/enables) -lt 2 ]&&[ $i -lt 400 ];\
+         do usleep 50000;i=$((i+1));done;\
+         echo SCX2 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
+         milk-work -t 8 -r 5 -w 5000 -s 1000||r=$?;usleep 300000;{PRINT_COUNTERS}exit $r"
+    );
+    let cfg = config(&script);
+    let mut paused_at: Option<Instant> = None;
+    let mut disabled_seen: Option<Duration> = None;
+    let mut resumed = false;
+    let mut errors = Vec::new();
+    let run = run(&cfg, &mut |l, ctl| {
+        if l.starts_with("milk-work: start") && paused_at.is_none() {
+            let t = Instant::now();
+            match ctl.pause() {
+                Ok(true) => paused_at = Some(t),
+                other => errors.push(format!("pause: {other:?}")),
+            }
+        } else if l.starts_with("milk-mon: ") && l.contains(" scx=disabled") {
+            if let (Some(t), None) = (paused_at, disabled_seen) {
+                disabled_seen = Some(t.elapsed());
+            }
+        } else if l.starts_with("milk-work: threads=") && !resumed {
+            resumed = true;
+            if !matches!(ctl.resume(), Ok(true)) {
+                errors.push("resume did not start a runtime".into());
+            }
+        }
+    });
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(run.status(), Some(0), "a workload failed");
+    let w = work_results(&run);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((num(&w[0], "ok"), num(&w[0], "bad")), (64, 0));
+    assert_eq!((num(&w[1], "ok"), num(&w[1], "bad")), (8, 0));
+
+    // Guest-side timeline from milk-mon.
+    let mon = mon_lines(&run);
+    let first_bye = mon
+        .iter()
+        .find(|(_, f)| f.get("goodbyes").map(String::as_str) == Some("1"))
+        .expect("milk-mon saw no host GOODBYE");
+    let disabled = mon
+        .iter()
+        .find(|(i, f)| *i >= first_bye.0 && f.get("scx").map(String::as_str) == Some("disabled"))
+        .expect("milk-mon never saw sched_ext disabled after the GOODBYE");
+    // The GOODBYE landed after the sample before `first_bye` (its prev_ms);
+    // sched_ext was disabled by `disabled`'s t_ms: an upper bound.
+    let fallback_ms = num(&disabled.1, "t_ms") - num(&first_bye.1, "prev_ms");
+    println!(
+        "fallback to CFS: <= {fallback_ms} ms (guest clock, 10 ms sampling); host saw the \
+         disabled line {disabled_seen:?} after starting the pause"
+    );
+    assert!(fallback_ms < 1000, "fallback took up to {fallback_ms} ms");
+    // Mid-workload: the fallback happened before the workload ended.
+    let end = line_index(&run, |l| l.starts_with("milk-work: threads=")).unwrap();
+    let start = line_index(&run, |l| l.starts_with("milk-work: start")).unwrap();
+    assert!(
+        start < disabled.0 && disabled.0 < end,
+        "fallback at console line {} not between workload start {start} and end {end}",
+        disabled.0
+    );
+    // Re-enabled after the restart.
+    let reenabled = mon.iter().find(|(i, f)| {
+        *i > end
+            && f.get("enables").map(String::as_str) == Some("2")
+            && f.get("scx").map(String::as_str) == Some("enabled")
+    });
+    assert!(reenabled.is_some(), "milk-mon never saw milk enabled again");
+    assert!(run.outcome.console_has("SCX2 enabled milk"));
+
+    let c = counters(&run);
+    assert_clean(&run, &c);
+    assert_eq!(counter(&c, "enables"), 2);
+    assert_eq!(counter(&c, "disables"), 1);
+    assert_eq!(counter(&c, "host_goodbyes"), 1);
+    assert_eq!(counter(&c, "host_timeouts"), 0);
+    assert_eq!(c.get("state").map(String::as_str), Some("enabled"));
+
+    // Two runtime runs: the paused one, then the restarted one (ended by the
+    // reset at exit); the second really scheduled the guest again.
+    assert_eq!(run.summaries.len(), 2);
+    let (a, b) = (&run.summaries[0], &run.summaries[1]);
+    assert!(
+        a.metrics.decisions_run > 0 && ack(a, AckStatus::Ok) > 0,
+        "{a}"
+    );
+    assert!(
+        b.metrics.msgs_by_type[usize::from(msg::TASK_NEW)] > 0,
+        "re-announced tasks: {b}"
+    );
+    assert!(
+        b.metrics.decisions_run > 0 && ack(b, AckStatus::Ok) > 0,
+        "{b}"
+    );
+}
+
+#[test]
+fn hostile_host_decisions_are_rejected_and_counted() {
+    // milk-pin pins itself to CPU 1 and reports its pid; meanwhile a workload
+    // runs. The host injects decisions the runtime would never send.
+    let script = format!(
+        "{WAIT_ENABLED}W;milk-pin -c 1 -d 4000 -s 1000 & P=$!;\
+         milk-work -t 16 -r 20 -w 20000 -s 2000;r=$?;wait $P||r=10;\
+         echo SCX3 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
+         {PRINT_COUNTERS}exit $r"
+    );
+    let cfg = config(&script);
+    const NO_SUCH_PID: u32 = 0x3fff_0000;
+    let mut injected = None;
+    let run = run(&cfg, &mut |l, ctl| {
+        if let Some(rest) = l.strip_prefix("milk-pin: pid=") {
+            if injected.is_some() {
+                return;
+            }
+            let Some(pid) = rest.split_whitespace().next().and_then(|p| p.parse().ok()) else {
+                return;
+            };
+            let d = [
+                // Unknown task.
+                RawDecision::run(NO_SUCH_PID, 0, 1),
+                // Allowed CPU, but seq 1 (its TASK_NEW) is long stale.
+                RawDecision::run(pid, 1, 1),
+                // CPU 0 is not in its mask (checked before the seq).
+                RawDecision::run(pid, 0, 1),
+                // No CPU 7 at all.
+                RawDecision::run(pid, 7, 1),
+            ];
+            injected = Some((pid, ctl.inject_decisions(&d)));
+        }
+    });
+    let (pid, sent) = injected.expect("milk-pin never reported its pid");
+    assert!(sent, "no runtime was running to inject into");
+    assert_eq!(
+        run.status(),
+        Some(0),
+        "the guest did not keep running correctly"
+    );
+    assert!(run
+        .outcome
+        .console_has(&format!("milk-pin: done pid={pid} cpu=1")));
+    assert!(run.outcome.console_has("wrong_cpu=0"));
+    let w = work_results(&run);
+    assert_eq!((num(&w[0], "ok"), num(&w[0], "bad")), (16, 0));
+    assert!(
+        run.outcome.console_has("SCX3 enabled milk"),
+        "milk did not stay enabled"
+    );
+
+    let c = counters(&run);
+    assert_clean(&run, &c);
+    assert_eq!(counter(&c, "disables"), 0, "the bridge gave up");
+    assert_eq!(run.summaries.len(), 1);
+    let s = &run.summaries[0];
+    let m = &s.metrics;
+    assert_eq!(m.injected, 4, "{s}");
+    let by = |st: AckStatus| m.injected_acks[st as usize];
+    assert_eq!(by(AckStatus::NoTask), 1, "{s}");
+    assert_eq!(by(AckStatus::Stale), 1, "{s}");
+    assert_eq!(by(AckStatus::BadCpu), 2, "{s}");
+    assert_eq!(
+        by(AckStatus::Ok),
+        0,
+        "an injected decision was applied: {s}"
+    );
+    assert_eq!(by(AckStatus::NotRunnable), 0, "{s}");
+    // The guest counted them too (its counters also hold any natural
+    // rejections, which the host's total acks include).
+    for (st, name, n) in [
+        (AckStatus::Stale, "rejected_stale", 1),
+        (AckStatus::NoTask, "rejected_no_task", 1),
+        (AckStatus::BadCpu, "rejected_bad_cpu", 2),
+    ] {
+        let g = counter(&c, name);
+        assert!(g >= n, "guest {name} = {g}, injected {n}");
+        assert!(ack(s, st) >= g, "host {st:?} acks < guest {name} {g}: {s}");
+    }
+    // And the policy kept scheduling: the injected acks never reached it.
+    assert_eq!(m.unmatched_acks, 0, "{s}");
+    assert!(ack(s, AckStatus::Ok) >= 16 * 20, "{s}");
+}
