@@ -917,8 +917,11 @@ pub fn parse_record(
         (msg::ACK, true) => {
             let r: Ack = read_rec(raw);
             let st: u32 = r.status.into();
+            let status = AckStatus::from_wire(st).ok_or(ProtoError::BadStatus(st))?;
             let target_cpu: u16 = r.target_cpu.into();
-            if u32::from(target_cpu) >= num_cpus {
+            // The guest echoes the decision's CPU: a BAD_CPU ack may name a CPU
+            // that does not exist (that is why it was rejected).
+            if u32::from(target_cpu) >= num_cpus && status != AckStatus::BadCpu {
                 return Err(ProtoError::BadCpu(target_cpu));
             }
             let decision_type: u16 = r.decision_type.into();
@@ -928,7 +931,7 @@ pub fn parse_record(
             Ok(Message::Ack {
                 cpu,
                 pid: r.pid.into(),
-                status: AckStatus::from_wire(st).ok_or(ProtoError::BadStatus(st))?,
+                status,
                 seq: r.seq.into(),
                 ts_ns: r.ts_ns.into(),
                 cookie: r.cookie.into(),
@@ -1222,6 +1225,30 @@ mod tests {
                 target_cpu: 2,
             },
         ]
+    }
+
+    #[test]
+    fn ack_target_cpu_out_of_range_only_with_bad_cpu() {
+        let ack = |status, target_cpu| Message::Ack {
+            cpu: 0,
+            pid: 42,
+            status,
+            seq: 1,
+            ts_ns: 0,
+            cookie: 7,
+            decision_type: msg::RUN,
+            target_cpu,
+        };
+        // The guest echoes a nonexistent CPU it rejected.
+        let m = ack(AckStatus::BadCpu, 7);
+        assert_eq!(parse_record(&m.encode(), Direction::GuestToHost, 2), Ok(m));
+        // Any other status naming a nonexistent CPU is malformed.
+        for st in [AckStatus::Ok, AckStatus::Stale, AckStatus::NoTask] {
+            assert_eq!(
+                parse_record(&ack(st, 7).encode(), Direction::GuestToHost, 2),
+                Err(ProtoError::BadCpu(7))
+            );
+        }
     }
 
     #[test]
