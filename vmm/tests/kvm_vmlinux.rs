@@ -33,6 +33,15 @@ fn initramfs() -> PathBuf {
     }
 }
 
+/// The tests in this file run one at a time: a standard kernel emulated by
+/// kvm_pvm keeps a host CPU busy in the kernel for seconds, and a QEMU TCG
+/// guest booting next to it on a 2-core host was seen to stall in early boot.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serialize() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Prints past the test harness's output capture, so CI logs show it.
 fn say(msg: &str) {
     let _ = writeln!(std::io::stderr(), "{msg}");
@@ -40,6 +49,7 @@ fn say(msg: &str) {
 
 #[test]
 fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
+    let _one = serialize();
     assert!(common::kvm_usable(), "/dev/kvm is needed for this test");
     let (vmlinux, _) = kernels();
     let dir = tempfile::tempdir().unwrap();
@@ -120,6 +130,7 @@ fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
 
 #[test]
 fn kvm_standard_guest_boots_to_result_line_with_two_vcpus() {
+    let _one = serialize();
     let reason = match detect_kvm() {
         KvmSupport::Standard => None,
         KvmSupport::Pvm => Some(
@@ -156,5 +167,54 @@ fn kvm_standard_guest_boots_to_result_line_with_two_vcpus() {
             console.contains("MILK-BOOT") && console.contains("cpus=2"),
             "{console}"
         );
+    }
+}
+
+#[test]
+fn same_command_runs_the_real_guest_to_its_result_line() {
+    let _one = serialize();
+    // `auto` picks KVM where it can run a standard guest and QEMU TCG
+    // elsewhere (this machine): either way the same command ends with the
+    // guest's status. (`--engine qemu` itself is covered with the test guest
+    // in tests/cli.rs.)
+    let (vmlinux, _) = kernels();
+    let initrd = initramfs();
+    {
+        let engine = "auto";
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("serial.log");
+        let out = Command::new(BIN)
+            .args(["--kernel", vmlinux.to_str().unwrap()])
+            .args(["--initrd", initrd.to_str().unwrap()])
+            .args(["--engine", engine, "--cpus", "2", "--memory", "256"])
+            .args([
+                "--cmdline",
+                "milk.run=\"exit 3\"",
+                "--timeout",
+                "300",
+                "--quiet",
+            ])
+            .args(["--serial-log", log.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let serial = std::fs::read_to_string(&log).unwrap_or_default();
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{engine}: stderr:\n{stderr}\nserial:\n{serial}"
+        );
+        assert!(
+            serial.contains("MILK-BOOT") && serial.contains("cpus=2"),
+            "{serial}"
+        );
+        assert!(serial.contains("MILK-RESULT status=3"), "{serial}");
+        if detect_kvm() == KvmSupport::Pvm {
+            assert_eq!(
+                stderr.lines().filter(|l| l.contains("engine:")).count(),
+                1,
+                "one line says why QEMU runs the guest: {stderr}"
+            );
+        }
     }
 }
