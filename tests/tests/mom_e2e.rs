@@ -425,3 +425,106 @@ fn hostile_host_decisions_are_rejected_and_counted() {
     assert_eq!(m.unmatched_acks, 0, "{s}");
     assert!(ack(s, AckStatus::Ok) >= 16 * 20, "{s}");
 }
+
+/// Median, min and max of `v` (sorted in place).
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (med, v[0], v[n - 1])
+}
+
+/// Benchmark (b) of issue 4: event -> decision and decision -> applied
+/// latency and message throughput with the real guest under QEMU TCG, fifo
+/// policy, 2 vCPUs. Two workloads: `busy` (64 threads, more runnable threads
+/// than CPUs: latency includes waiting in the FIFO) and `light` (4 threads
+/// that mostly sleep: the channel's own latency). `MILK_BENCH_RUNS` runs each
+/// (default 3). Results: docs/benchmarks.md.
+#[test]
+#[ignore = "benchmark: cargo test -p milk-tests --test mom_e2e bench -- --ignored --nocapture"]
+fn bench_real_guest_latency_and_throughput() {
+    let runs: usize = std::env::var("MILK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let workloads = [
+        ("busy", "milk-work -t 64 -r 20 -w 20000 -s 2000"),
+        ("light", "milk-work -t 4 -r 200 -w 2000 -s 5000"),
+    ];
+    println!(
+        "| workload | run | ev->dec p50 | ev->dec p99 | dec->ack p50 | dec->ack p99 | \
+         msgs/s (guest) | applied/s (guest) | fallbacks | wall ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut table: Vec<(&str, [Vec<f64>; 6])> = Vec::new();
+    for (name, cmd) in workloads {
+        let mut cols: [Vec<f64>; 6] = Default::default();
+        for i in 0..runs {
+            let script = format!(
+                "{WAIT_ENABLED}W;M=/sys/kernel/milk;a=$(cat $M/messages_sent);\
+                 d=$(cat $M/decisions_applied);f=$(cat $M/local_fallbacks);{cmd};r=$?;\
+                 echo WIN msgs=$(($(cat $M/messages_sent)-a)) \
+                 applied=$(($(cat $M/decisions_applied)-d)) \
+                 fallbacks=$(($(cat $M/local_fallbacks)-f));{PRINT_COUNTERS}exit $r"
+            );
+            let cfg = config(&script);
+            let run = run_milk_guest(&cfg, &mut |_, _| {}).expect("guest ran");
+            assert_eq!(run.status(), Some(0), "{:?}", run.outcome.console_tail);
+            let w = &work_results(&run)[0];
+            assert_eq!(num(w, "bad"), 0);
+            let ms = num(w, "elapsed_ms").max(1) as f64;
+            let win = run
+                .outcome
+                .console
+                .iter()
+                .find(|l| l.starts_with("WIN "))
+                .map(|l| fields(l))
+                .expect("WIN line");
+            let s = &run.summaries[0];
+            let m = &s.metrics;
+            assert_eq!(s.engine.malformed_total(), 0);
+            let us = |ns: u64| ns as f64 / 1e3;
+            let row = [
+                us(m.latency.percentile(50.0)),
+                us(m.latency.percentile(99.0)),
+                us(m.apply_latency.percentile(50.0)),
+                us(m.apply_latency.percentile(99.0)),
+                num(&win, "msgs") as f64 * 1000.0 / ms,
+                num(&win, "applied") as f64 * 1000.0 / ms,
+            ];
+            println!(
+                "| {name} | {i} | {:.1} us | {:.0} us | {:.0} us | {:.0} us | {:.0} | {:.0} | {} | {ms} |",
+                row[0],
+                row[1],
+                row[2],
+                row[3],
+                row[4],
+                row[5],
+                num(&win, "fallbacks")
+            );
+            for (c, v) in cols.iter_mut().zip(row) {
+                c.push(v);
+            }
+        }
+        table.push((name, cols));
+    }
+    println!("\nmedian [min, max] over {runs} runs:");
+    for (name, mut cols) in table {
+        let names = [
+            "ev->dec p50 us",
+            "ev->dec p99 us",
+            "dec->ack p50 us",
+            "dec->ack p99 us",
+            "msgs/s",
+            "applied/s",
+        ];
+        for (n, c) in names.iter().zip(cols.iter_mut()) {
+            let (med, lo, hi) = spread(c);
+            println!("  {name:5} {n:16} {med:10.1} [{lo:.1}, {hi:.1}]");
+        }
+    }
+}
