@@ -795,6 +795,44 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().exit_code(), 65);
     }
 
+    fn outcome(exit: ExitReason, result: Option<i32>) -> VmOutcome {
+        VmOutcome {
+            exit,
+            result,
+            console_tail: vec![],
+            console: vec![],
+            cmdline: String::new(),
+            entry_mode: EntryMode::Pvh,
+            timings: BootTimings::default(),
+            peak_rss_kib: None,
+        }
+    }
+
+    #[test]
+    fn exit_code_of_outcomes() {
+        // The guest's result wins over how the VM ended.
+        assert_eq!(
+            outcome_exit_code(&outcome(ExitReason::Shutdown, Some(0))),
+            0
+        );
+        assert_eq!(outcome_exit_code(&outcome(ExitReason::Reset, Some(42))), 42);
+        assert_eq!(outcome_exit_code(&outcome(ExitReason::Timeout, Some(3))), 3);
+        assert_eq!(outcome_exit_code(&outcome(ExitReason::Shutdown, None)), 80);
+        assert_eq!(
+            outcome_exit_code(&outcome(ExitReason::SystemEvent(1), None)),
+            80
+        );
+        assert_eq!(outcome_exit_code(&outcome(ExitReason::Timeout, None)), 124);
+        assert_eq!(
+            outcome_exit_code(&outcome(ExitReason::Signal(2), None)),
+            130
+        );
+        let fault = ExitReason::GuestFault("KVM internal error".into());
+        assert_eq!(outcome_exit_code(&outcome(fault, None)), 71);
+        let vmm = ExitReason::VmmError("x".into());
+        assert_eq!(outcome_exit_code(&outcome(vmm, None)), 70);
+    }
+
     #[test]
     fn host_memory_is_known() {
         assert!(host_memory_mib().unwrap() > 64);
