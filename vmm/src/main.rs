@@ -74,6 +74,10 @@ struct Cli {
     /// the tests and the start-up benchmark with the freestanding test guest).
     #[arg(long, hide = true)]
     echo_device: bool,
+    /// Enter an ELF vmlinux through the 64-bit boot protocol (zero page)
+    /// instead of its PVH entry.
+    #[arg(long)]
+    linux64: bool,
 }
 
 fn new_vm(config: VmConfig, echo_device: bool) -> Result<Vm, milk_vmm::VmmError> {
@@ -127,6 +131,7 @@ fn run(cli: Cli) -> i32 {
         forward_stdin: true,
         timeout: cli.timeout.map(Duration::from_secs),
         handle_signals: true,
+        force_linux64: cli.linux64,
     };
     if let Err(e) = config.validate() {
         eprintln!("milk-vmm: {e}");

@@ -63,6 +63,9 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Turn SIGINT/SIGTERM into a clean VM stop (binary only).
     pub handle_signals: bool,
+    /// Enter an ELF kernel through the 64-bit boot protocol (zero page) even
+    /// when it has a PVH note.
+    pub force_linux64: bool,
 }
 
 impl VmConfig {
@@ -79,6 +82,7 @@ impl VmConfig {
             forward_stdin: false,
             timeout: None,
             handle_signals: false,
+            force_linux64: false,
         }
     }
 
@@ -300,7 +304,7 @@ impl Vm {
         cpu::write_gdt(&mem)?;
         cpu::write_page_tables(&mem)?;
         step("page tables written");
-        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let kernel = boot::load_kernel(&mem, &config.kernel, config.force_linux64)?;
         step("kernel loaded");
         log::info!(
             "kernel {}: {:?}, {:?} entry at {:#x}",
@@ -479,17 +483,17 @@ pub fn outcome_exit_code(o: &VmOutcome) -> i32 {
     if let Some(s) = o.result {
         return s;
     }
-    let (code, what) = match &o.exit {
-        r if r.is_clean() => (
-            exit_code::NO_RESULT,
-            "guest ended without a MILK-RESULT line",
-        ),
-        ExitReason::Timeout => (exit_code::TIMEOUT, "timeout"),
-        ExitReason::Signal(s) => (exit_code::SIGNAL_BASE + s, "interrupted"),
-        ExitReason::GuestFault(_) => (exit_code::GUEST_FAULT, "guest fault"),
-        _ => (exit_code::SOFTWARE, "VMM failure"),
+    let code = match &o.exit {
+        r if r.is_clean() => {
+            eprintln!("milk-vmm: {r} without a MILK-RESULT line");
+            return exit_code::NO_RESULT;
+        }
+        ExitReason::Timeout => exit_code::TIMEOUT,
+        ExitReason::Signal(s) => exit_code::SIGNAL_BASE + s,
+        ExitReason::GuestFault(_) => exit_code::GUEST_FAULT,
+        _ => exit_code::SOFTWARE,
     };
-    eprintln!("milk-vmm: {what}: {}", o.exit);
+    eprintln!("milk-vmm: {}", o.exit);
     code
 }
 

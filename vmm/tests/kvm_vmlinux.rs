@@ -49,6 +49,16 @@ fn say(msg: &str) {
 
 #[test]
 fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
+    boot_vmlinux_to_first_exception(&[], "Pvh entry");
+}
+
+#[test]
+fn vmlinux_64bit_boot_protocol_shows_banner_e820_cpus_and_cmdline() {
+    // The same kernel through the zero page instead of the PVH start info.
+    boot_vmlinux_to_first_exception(&["--linux64"], "Linux64 entry");
+}
+
+fn boot_vmlinux_to_first_exception(extra: &[&str], entry: &str) {
     let _one = serialize();
     assert!(common::kvm_usable(), "/dev/kvm is needed for this test");
     let (vmlinux, _) = kernels();
@@ -67,6 +77,7 @@ fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
         ])
         .args(["--cmdline", "milk.vmmtest=42"])
         .args(["--serial-log", log.to_str().unwrap()])
+        .args(extra)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -78,8 +89,8 @@ fn vmlinux_pvh_boot_shows_banner_e820_cpus_and_cmdline() {
     assert!(!stderr.contains("panicked"), "{ctx}");
 
     assert!(
-        stderr.contains("Pvh entry"),
-        "vmlinux is entered through PVH: {ctx}"
+        stderr.contains(entry),
+        "vmlinux is entered with {entry}: {ctx}"
     );
     assert!(
         serial.contains("Linux version 6.12"),

@@ -120,8 +120,14 @@ pub fn detect_format(head: &[u8]) -> Option<KernelFormat> {
     None
 }
 
-/// Loads the kernel at `path` into guest memory.
-pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, BootError> {
+/// Loads the kernel at `path` into guest memory. An ELF with a PVH note is
+/// entered through PVH unless `force_linux64` asks for the 64-bit boot
+/// protocol at `e_entry` (vmlinux's `startup_64`).
+pub fn load_kernel<M: GuestMemoryBackend>(
+    mem: &M,
+    path: &Path,
+    force_linux64: bool,
+) -> Result<LoadedKernel, BootError> {
     let p = path.display().to_string();
     let io = |err| BootError::KernelIo {
         path: p.clone(),
@@ -159,7 +165,9 @@ pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<Loaded
             let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(fmt_err)?;
             let (mode, entry) = match r.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => (EntryMode::Pvh, addr),
+                PvhBootCapability::PvhEntryPresent(addr) if !force_linux64 => {
+                    (EntryMode::Pvh, addr)
+                }
                 _ => (EntryMode::Linux64, r.kernel_load),
             };
             Ok(LoadedKernel {
@@ -328,7 +336,7 @@ mod tests {
         let empty = dir.path().join("empty");
         File::create(&empty).unwrap();
         assert!(matches!(
-            load_kernel(&mem, &empty),
+            load_kernel(&mem, &empty, false),
             Err(BootError::KernelTooShort(_))
         ));
         let junk = dir.path().join("junk");
@@ -337,7 +345,7 @@ mod tests {
             .write_all(&[0x55u8; 4096])
             .unwrap();
         assert!(matches!(
-            load_kernel(&mem, &junk),
+            load_kernel(&mem, &junk, false),
             Err(BootError::KernelFormat { .. })
         ));
         // ELF magic followed by garbage.
@@ -346,15 +354,15 @@ mod tests {
         data[..4].copy_from_slice(b"\x7fELF");
         File::create(&bad_elf).unwrap().write_all(&data).unwrap();
         assert!(matches!(
-            load_kernel(&mem, &bad_elf),
+            load_kernel(&mem, &bad_elf, false),
             Err(BootError::KernelFormat { .. })
         ));
         assert!(matches!(
-            load_kernel(&mem, dir.path()),
+            load_kernel(&mem, dir.path(), false),
             Err(BootError::KernelIo { .. })
         ));
         assert!(matches!(
-            load_kernel(&mem, &dir.path().join("missing")),
+            load_kernel(&mem, &dir.path().join("missing"), false),
             Err(BootError::KernelIo { .. })
         ));
     }
