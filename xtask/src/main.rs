@@ -261,7 +261,7 @@ fn test_suite() -> Res<ExitCode> {
     eprintln!("initramfs {}", milk_images::ensure_initramfs()?.display());
     step(
         "tests",
-        cargo().args(["test", "--workspace", "--", "--test-threads=2"]),
+        cargo().args(["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"]),
     )?;
     step(
         "benchmark smoke run",
