@@ -126,6 +126,9 @@ impl VmmError {
                 H::Timeout { .. } => exit_code::TIMEOUT,
                 H::SerialLog(..) => exit_code::CANT_CREATE,
                 H::Qemu(_) => exit_code::SOFTWARE,
+                // Variants the harness may add later.
+                #[allow(unreachable_patterns)]
+                _ => exit_code::SOFTWARE,
             },
         }
     }
