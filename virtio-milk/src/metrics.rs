@@ -178,6 +178,9 @@ pub struct Metrics {
     pub unmatched_acks: u64,
     /// Undelivered decisions dropped when a new session started.
     pub dropped_old_decisions: u64,
+    /// Guest records found queued when the runtime started (from before its session),
+    /// dropped unprocessed.
+    pub discarded_on_start: u64,
     /// HELLO/HEARTBEAT/GOODBYE sent to the guest.
     pub session_sent: u64,
     /// Policy swaps done.
@@ -210,6 +213,7 @@ impl Default for Metrics {
             queue_full: 0,
             unmatched_acks: 0,
             dropped_old_decisions: 0,
+            discarded_on_start: 0,
             session_sent: 0,
             policy_swaps: 0,
             guest_fallbacks: 0,
@@ -337,6 +341,13 @@ impl fmt::Display for Summary {
                 fmt_ns(m.apply_latency.percentile(99.0)),
                 m.apply_latency.count(),
                 fmt_ns(m.apply_latency.max())
+            )?;
+        }
+        if m.discarded_on_start > 0 {
+            write!(
+                f,
+                "\n  records queued before this runtime started (dropped): {}",
+                m.discarded_on_start
             )?;
         }
         if m.injected > 0 {

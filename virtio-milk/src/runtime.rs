@@ -388,6 +388,7 @@ impl<M: GuestMemory> Runtime<M> {
     pub fn run(&mut self, ctl: &Control) {
         self.started = Instant::now();
         if self.cfg.hello_on_start {
+            self.discard_stale_events();
             self.start_session();
         }
         self.engine.disable_notifications();
@@ -447,6 +448,27 @@ impl<M: GuestMemory> Runtime<M> {
         if self.cfg.goodbye_on_stop && self.session_id != 0 && !ctl.silent.load(Ordering::Acquire) {
             self.end_session(GOODBYE_STOPPED);
         }
+    }
+
+    /// Drop every event the guest queued while no runtime served the queues (a paused
+    /// device, or a stopped runtime whose engine is reused). They belong to an earlier
+    /// session or to none: task events of tasks that may have exited since (a RUN for them
+    /// would only come back NO_TASK), acks of decisions the new runtime never sent, the
+    /// guest's GOODBYE to a host that is gone. The guest re-announces every task after the
+    /// HELLO that follows. Returns the number of records dropped.
+    pub fn discard_stale_events(&mut self) -> u64 {
+        let mut msgs = std::mem::take(&mut self.msgs);
+        let mut n = 0;
+        while self.engine.poll_events(&mut msgs) > 0 {
+            n += msgs.len() as u64;
+            msgs.clear();
+        }
+        self.msgs = msgs;
+        if n > 0 {
+            log::info!("dropped {n} records queued before this runtime started");
+        }
+        self.metrics.discarded_on_start += n;
+        n
     }
 
     /// Write `d` to the guest as is (testing / fault injection, see [`RawDecision`]). The

@@ -695,8 +695,16 @@ fn device_pause_and_resume_mid_workload() {
     let s = dev.pause().unwrap().unwrap();
     assert_eq!(s.metrics.decisions_run, 1);
     assert!(g.recv(0).iter().any(|m| matches!(m, Message::Goodbye(_))));
-    // Events sent while paused wait in the ring.
-    g.send(0, &[ev(TaskEventKind::Blocked, 0, 1, 3)]);
+    // Events sent while paused wait in the ring: a BLOCKED of task 1, and a task 9 that
+    // appears and wakes up (and, say, exits before the host is back).
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Blocked, 0, 1, 3),
+            task_new(9, 1, 1),
+            ev(TaskEventKind::Wakeup, 0, 9, 2),
+        ],
+    );
     // Resume: a new session; the guest re-announces its task and gets it scheduled again.
     dev.resume().unwrap();
     let Message::Hello(s2) = wait_for(&mut g, "HELLO after resume", &hello) else {
@@ -711,11 +719,12 @@ fn device_pause_and_resume_mid_workload() {
     };
     assert_eq!((d.pid, d.seq), (1, 5));
     let s = dev.reset().unwrap().unwrap();
-    assert_eq!(s.metrics.decisions_run, 1);
+    assert_eq!(s.metrics.decisions_run, 1, "no RUN for task 9: {s}");
     assert_eq!(
-        s.metrics.unknown_task_events, 1,
-        "the BLOCKED of the old session hit an unknown task"
+        s.metrics.discarded_on_start, 3,
+        "records queued while paused are dropped before the HELLO"
     );
+    assert_eq!(s.metrics.unknown_task_events, 0);
 }
 
 #[test]
