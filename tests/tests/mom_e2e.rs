@@ -70,8 +70,13 @@ const WAIT_ENABLED: &str = "W(){ i=0;while [ $(cat /sys/kernel/milk/state) != en
 /// Prints every bridge counter as `MILKC name=value`.
 const PRINT_COUNTERS: &str = "for f in /sys/kernel/milk/*;do echo MILKC ${f##*/}=$(cat $f);done;";
 
+/// One guest at a time: four TCG guests on two host cores would make the
+/// fallback timings measure the test's own contention.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run(cfg: &MilkGuestConfig, on_line: &mut dyn FnMut(&str, &GuestControl)) -> MilkRun {
     let _ = env_logger::builder().is_test(true).try_init();
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let run = run_milk_guest(cfg, &mut |l, c| {
         println!("guest| {l}");
         on_line(l, c)
@@ -199,7 +204,7 @@ fn guest_is_scheduled_by_the_host_fifo_policy() {
     assert!(ack(s, AckStatus::Ok) >= wakeups, "{s}");
     // The guest's counters were read before the end; the host's are final.
     assert!(
-        m.messages() >= sent,
+        m.messages() + m.discarded_on_start >= sent,
         "host received {} messages, guest sent {sent}",
         m.messages()
     );
@@ -342,6 +347,99 @@ fn host_stop_mid_workload_falls_back_within_1s_and_restart_reenables() {
 }
 
 #[test]
+fn silent_host_is_detected_and_the_guest_falls_back() {
+    // The host runtime stops without GOODBYE (a crash, as the guest sees
+    // it): only the bridge's host-silence watchdog (host_timeout_ms, 500 ms)
+    // can notice. Then a new runtime starts and milk comes back.
+    let script = format!(
+        "{WAIT_ENABLED}W;milk-mon -i 10 & \
+         milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
+         i=0;while [ $(cat /sys/kernel/milk/state) != enabled ]&&[ $i -lt 400 ];\
+         do usleep 50000;i=$((i+1));done;usleep 1500000;\
+         echo SCX2 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
+         milk-work -t 8 -r 5 -w 5000 -s 1000||r=$?;{PRINT_COUNTERS}exit $r"
+    );
+    let cfg = config(&script);
+    let mut stopped_at: Option<Instant> = None;
+    let mut disabled_after: Option<Duration> = None;
+    let mut resumed = false;
+    let mut errors = Vec::new();
+    let run = run(&cfg, &mut |l, ctl| {
+        if l.starts_with("milk-work: start") && stopped_at.is_none() {
+            let t = Instant::now();
+            match ctl.pause_silently() {
+                Ok(true) => stopped_at = Some(t),
+                other => errors.push(format!("silent stop: {other:?}")),
+            }
+        } else if l.starts_with("milk-mon: ") && l.contains(" scx=disabled") {
+            if let (Some(t), None) = (stopped_at, disabled_after) {
+                disabled_after = Some(t.elapsed());
+            }
+        } else if l.starts_with("milk-work: threads=") && !resumed {
+            resumed = true;
+            if !matches!(ctl.resume(), Ok(true)) {
+                errors.push("resume did not start a runtime".into());
+            }
+        }
+    });
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(run.status(), Some(0), "a workload failed");
+    let w = work_results(&run);
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert_eq!((num(&w[0], "ok"), num(&w[0], "bad")), (64, 0));
+    assert_eq!((num(&w[1], "ok"), num(&w[1], "bad")), (8, 0));
+
+    // Host clock: from the moment the runtime went silent to the guest's
+    // console saying sched_ext is disabled (includes the console's delay).
+    let fallback = disabled_after.expect("the guest never fell back");
+    let mon = mon_lines(&run);
+    let timeout = mon
+        .iter()
+        .find(|(_, f)| f.get("timeouts").map(String::as_str) == Some("1"))
+        .expect("milk-mon saw no host timeout");
+    let disabled = mon
+        .iter()
+        .find(|(i, f)| *i >= timeout.0 && f.get("scx").map(String::as_str) == Some("disabled"))
+        .expect("no disabled state after the timeout");
+    let after_detect = num(&disabled.1, "t_ms") - num(&timeout.1, "prev_ms");
+    println!(
+        "silent host: guest on CFS {fallback:?} after the host stopped (host clock, via \
+         console); {after_detect} ms of that after the watchdog fired (guest clock)"
+    );
+    assert!(
+        fallback < Duration::from_secs(1),
+        "fallback after a silent host took {fallback:?}"
+    );
+    let end = line_index(&run, |l| l.starts_with("milk-work: threads=")).unwrap();
+    assert!(
+        disabled.0 < end,
+        "the fallback came after the workload ended"
+    );
+    assert!(run.outcome.console_has("milk: host silent for"));
+    assert!(
+        run.outcome.console_has("SCX2 enabled milk"),
+        "milk not re-enabled"
+    );
+
+    let c = counters(&run);
+    assert_clean(&run, &c);
+    assert_eq!(counter(&c, "host_timeouts"), 1);
+    assert_eq!(
+        counter(&c, "host_goodbyes"),
+        0,
+        "a silent host sends no GOODBYE"
+    );
+    assert!(counter(&c, "enables") >= 2);
+    assert_eq!(c.get("state").map(String::as_str), Some("enabled"));
+    assert_eq!(run.summaries.len(), 2);
+    let b = &run.summaries[1];
+    assert!(
+        b.metrics.decisions_run > 0 && ack(b, AckStatus::Ok) > 0,
+        "{b}"
+    );
+}
+
+#[test]
 fn hostile_host_decisions_are_rejected_and_counted() {
     // milk-pin pins itself to CPU 1 and reports its pid; meanwhile a workload
     // runs. The host injects decisions the runtime would never send.
@@ -472,7 +570,10 @@ fn bench_real_guest_latency_and_throughput() {
                  fallbacks=$(($(cat $M/local_fallbacks)-f));{PRINT_COUNTERS}exit $r"
             );
             let cfg = config(&script);
-            let run = run_milk_guest(&cfg, &mut |_, _| {}).expect("guest ran");
+            let run = {
+                let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+                run_milk_guest(&cfg, &mut |_, _| {}).expect("guest ran")
+            };
             assert_eq!(run.status(), Some(0), "{:?}", run.outcome.console_tail);
             let w = &work_results(&run)[0];
             assert_eq!(num(w, "bad"), 0);
