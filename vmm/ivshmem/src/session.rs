@@ -311,3 +311,53 @@ pub fn run_milk_guest(
         device: host.device_stats(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_policy_is_refused_by_name() {
+        let e = MilkHost::new(2, 64, "nope", RuntimeConfig::default(), None)
+            .err()
+            .expect("unknown policy refused");
+        assert!(matches!(e, SessionError::UnknownPolicy(ref n, _) if n == "nope"));
+        assert!(e.to_string().contains("fifo"), "{e}");
+    }
+
+    #[test]
+    fn host_before_the_guest_and_its_files() {
+        let parent = tempfile::tempdir().unwrap();
+        let mut host =
+            MilkHost::new(2, 64, "fifo", RuntimeConfig::default(), Some(parent.path())).unwrap();
+        let args = host.qemu_args().join(" ");
+        assert!(args.contains("ivshmem-doorbell"), "{args}");
+        assert!(args.contains("share=on"), "{args}");
+        let mut spec = GuestSpec::new("vmlinux");
+        host.apply(&mut spec);
+        assert_eq!(spec.memory_mib, 64);
+        assert!(spec.machine.starts_with("pc,"), "{}", spec.machine);
+        // The per-guest directory holds the RAM file and the socket.
+        let dirs: Vec<_> = std::fs::read_dir(parent.path()).unwrap().collect();
+        assert_eq!(dirs.len(), 1);
+
+        // No driver yet: control calls say they did nothing.
+        let ctl = host.control();
+        assert!(!ctl.is_running());
+        assert!(!ctl.pause().unwrap());
+        assert!(!ctl.resume().unwrap());
+        assert!(ctl.snapshot().is_none());
+        assert!(!ctl.inject_decisions(&[RawDecision::run(1, 0, 1)]));
+        assert!(ctl.swap_policy("nope").is_err());
+        assert_eq!(ctl.policy_name(), "fifo");
+        ctl.swap_policy("fifo").unwrap();
+
+        assert!(matches!(host.finish(), Err(SessionError::NotStarted)));
+        host.start().unwrap();
+        assert!(matches!(host.start(), Err(SessionError::NotStarted)));
+        assert!(host.finish().unwrap().is_empty(), "no runtime ever ran");
+        assert_eq!(host.device_stats().activations, 0);
+        drop(host);
+        assert_eq!(std::fs::read_dir(parent.path()).unwrap().count(), 0);
+    }
+}
