@@ -6,10 +6,13 @@
 //! - `guest_is_scheduled_by_the_host_fifo_policy`: sched_ext enabled with ops
 //!   `milk`, a 64-thread workload completes and checks itself, host and guest
 //!   counters agree, at least one applied decision per workload wakeup, no
-//!   protocol errors;
+//!   protocol errors; a policy hot swap by name and a live snapshot mid-run;
 //! - `host_stop_mid_workload_falls_back_within_1s_and_restart_reenables`:
 //!   GOODBYE mid-workload, CFS fallback measured in the guest, workload
 //!   completes, a new runtime re-enables milk;
+//! - `silent_host_is_detected_and_the_guest_falls_back`: the runtime stops
+//!   without GOODBYE; the guest's 500 ms watchdog falls back to CFS within
+//!   1 s, the workload completes, a new runtime re-enables milk;
 //! - `hostile_host_decisions_are_rejected_and_counted`: injected RUNs with an
 //!   unknown pid, a stale seq, a CPU outside the task's mask and a CPU out of
 //!   range are rejected with NO_TASK / STALE / BAD_CPU on both sides, and the
@@ -165,7 +168,19 @@ fn guest_is_scheduled_by_the_host_fifo_policy() {
          {PRINT_COUNTERS}exit $r"
     );
     let cfg = config(&script);
-    let run = run(&cfg, &mut |_, _| {});
+    // Mid-workload: hot-swap the policy by name (a fresh FIFO rebuilt from the
+    // runtime's task table) and read the live counters.
+    let mut swapped = None;
+    let mut live = None;
+    let run = run(&cfg, &mut |l, ctl| {
+        if l.starts_with("milk-work: start") {
+            swapped = Some(ctl.swap_policy("fifo").is_ok());
+        } else if l.starts_with("milk-work: threads=") {
+            live = ctl.snapshot();
+        }
+    });
+    assert_eq!(swapped, Some(true), "policy swap by name failed");
+    let live = live.expect("no live snapshot while the guest ran");
     assert_eq!(run.status(), Some(0), "workload failed");
     assert!(
         run.outcome.console_has("SCX enabled milk"),
@@ -219,6 +234,11 @@ fn guest_is_scheduled_by_the_host_fifo_policy() {
     }
     assert!(s.engine.records_out >= counter(&c, "decisions_received"));
     assert_eq!(m.injected, 0);
+    assert_eq!(m.policy_swaps, 1, "{s}");
+    // The live snapshot was taken while the guest ran: part of the final counts.
+    assert!(live.metrics.decisions_run > 0);
+    assert!(live.metrics.decisions_run <= m.decisions_run);
+    assert!(live.metrics.messages() <= m.messages());
     assert!(m.latency.count() >= wakeups);
     assert!(m.apply_latency.count() > 0);
     println!(
