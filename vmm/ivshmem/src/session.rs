@@ -317,6 +317,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn control_handles_cross_threads() {
+        fn send_sync<T: Send + Sync + Clone + 'static>() {}
+        send_sync::<GuestControl>();
+        send_sync::<MilkControl>();
+        let host = MilkHost::new(1, 64, "fifo", RuntimeConfig::default(), None).unwrap();
+        let ctl = host.control();
+        let t = std::thread::spawn(move || (ctl.is_running(), ctl.summaries().len()));
+        assert_eq!(t.join().unwrap(), (false, 0));
+    }
+
+    #[test]
     fn unknown_policy_is_refused_by_name() {
         let e = MilkHost::new(2, 64, "nope", RuntimeConfig::default(), None)
             .err()
