@@ -33,7 +33,10 @@ fn vm_hwm(pid: u32) -> Option<u64> {
 }
 
 /// Runs `cmd`, timing the first stdout byte and the kernel banner, sampling
-/// VmHWM until the process exits or `limit` passes (then it is killed).
+/// VmHWM until the process exits, `limit` passes, or (with `stop_at_banner`)
+/// 2 s after the banner, or once `MILK-RESULT` was printed; then it is killed.
+/// (QEMU on kvm_pvm does not exit on the test guest's final triple fault: the
+/// emulation failure pauses it.)
 fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
     let start = Instant::now();
     let mut child = cmd
@@ -44,7 +47,8 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
         .expect("spawn VMM");
     let pid = child.id();
     let mut stdout = child.stdout.take().unwrap();
-    let seen: Arc<Mutex<(Option<Duration>, Option<Duration>)>> = Arc::default();
+    // (first byte, banner, result line seen)
+    let seen: Arc<Mutex<(Option<Duration>, Option<Duration>, bool)>> = Arc::default();
     let seen2 = seen.clone();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -59,8 +63,12 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
                         s.0 = Some(now);
                     }
                     text.extend_from_slice(&buf[..n]);
-                    if s.1.is_none() && String::from_utf8_lossy(&text).contains("Linux version") {
+                    let t = String::from_utf8_lossy(&text);
+                    if s.1.is_none() && t.contains("Linux version") {
                         s.1 = Some(now);
+                    }
+                    if t.contains("MILK-RESULT") {
+                        s.2 = true;
                     }
                 }
             }
@@ -74,8 +82,9 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
         if let Ok(Some(_)) = child.try_wait() {
             break;
         }
-        let banner = seen.lock().unwrap().1;
+        let (_, banner, result) = *seen.lock().unwrap();
         let give_up = start.elapsed() > limit
+            || result
             || (stop_at_banner
                 && banner.is_some_and(|b| start.elapsed() > b + Duration::from_secs(2)));
         if give_up {
@@ -86,6 +95,9 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
         std::thread::sleep(Duration::from_millis(2));
     }
     let _ = reader.join();
+    if std::env::var_os("STARTUP_DEBUG").is_some() {
+        eprintln!("run took {:?}", start.elapsed());
+    }
     let s = seen.lock().unwrap();
     Sample {
         first_byte: s.0,
