@@ -22,6 +22,14 @@ struct Sample {
     peak_rss_kib: u64,
 }
 
+/// What the output reader has seen so far.
+#[derive(Clone, Copy, Default)]
+struct Seen {
+    first_byte: Option<Duration>,
+    banner: Option<Duration>,
+    result: bool,
+}
+
 fn vm_hwm(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
@@ -47,8 +55,7 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
         .expect("spawn VMM");
     let pid = child.id();
     let mut stdout = child.stdout.take().unwrap();
-    // (first byte, banner, result line seen)
-    let seen: Arc<Mutex<(Option<Duration>, Option<Duration>, bool)>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     let seen2 = seen.clone();
     let reader = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -59,16 +66,16 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
                 Ok(n) => {
                     let now = start.elapsed();
                     let mut s = seen2.lock().unwrap();
-                    if s.0.is_none() {
-                        s.0 = Some(now);
+                    if s.first_byte.is_none() {
+                        s.first_byte = Some(now);
                     }
                     text.extend_from_slice(&buf[..n]);
                     let t = String::from_utf8_lossy(&text);
-                    if s.1.is_none() && t.contains("Linux version") {
-                        s.1 = Some(now);
+                    if s.banner.is_none() && t.contains("Linux version") {
+                        s.banner = Some(now);
                     }
                     if t.contains("MILK-RESULT") {
-                        s.2 = true;
+                        s.result = true;
                     }
                 }
             }
@@ -82,7 +89,7 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
         if let Ok(Some(_)) = child.try_wait() {
             break;
         }
-        let (_, banner, result) = *seen.lock().unwrap();
+        let Seen { banner, result, .. } = *seen.lock().unwrap();
         let give_up = start.elapsed() > limit
             || result
             || (stop_at_banner
@@ -100,8 +107,8 @@ fn measure(mut cmd: Command, limit: Duration, stop_at_banner: bool) -> Sample {
     }
     let s = seen.lock().unwrap();
     Sample {
-        first_byte: s.0,
-        banner: s.1,
+        first_byte: s.first_byte,
+        banner: s.banner,
         peak_rss_kib: peak,
     }
 }
