@@ -157,7 +157,8 @@ pub struct KernelArtifacts {
 /// The cache key for a (tarball, fragment, series) triple.
 pub fn cache_key(tarball_sha: &str, fragment: &str, series: &Series) -> String {
     let mut h = Sha256::new();
-    h.update(b"milk-kernel-v1\0");
+    // Bump when the build recipe (environment, flags) changes the output.
+    h.update(b"milk-kernel-v2\0");
     h.update(tarball_sha.as_bytes());
     h.update([0]);
     h.update(fragment.as_bytes());

@@ -27,6 +27,18 @@ pub fn reproducible_env() -> Vec<(&'static str, &'static str)> {
     ]
 }
 
+/// Compiler flags that replace the source and object directories in
+/// everything the compiler records (debug info, `__FILE__`). The linker's
+/// build ID hashes the debug sections too, so without them the bzImage
+/// would depend on where the cache lives.
+pub fn prefix_maps(src: &Path, out: &Path) -> String {
+    format!(
+        "-ffile-prefix-map={}=/usr/src/linux -ffile-prefix-map={}=/usr/src/linux-obj",
+        src.display(),
+        out.display()
+    )
+}
+
 /// Counts the kernel's "  CC  file" style lines and shows them as progress.
 struct Progress {
     start: Instant,
@@ -109,6 +121,8 @@ pub fn run(src: &Path, out: &Path, args: &[String], log: &Path, label: &str) -> 
     for (k, v) in reproducible_env() {
         cmd.env(k, v);
     }
+    let maps = prefix_maps(src, out);
+    cmd.env("KCFLAGS", &maps).env("KAFLAGS", &maps);
     // Merge stderr into stdout so the log keeps their order.
     let (reader, writer) =
         std::io::pipe().map_err(|e| Error::Tool("make".into(), e.to_string()))?;
@@ -178,6 +192,15 @@ mod tests {
             p.line(l);
         }
         assert_eq!(p.steps, 4);
+    }
+
+    #[test]
+    fn prefix_maps_hide_both_directories() {
+        let m = prefix_maps(Path::new("/c/src/linux-1"), Path::new("/c/build/x"));
+        assert_eq!(
+            m,
+            "-ffile-prefix-map=/c/src/linux-1=/usr/src/linux -ffile-prefix-map=/c/build/x=/usr/src/linux-obj"
+        );
     }
 
     #[test]
