@@ -92,9 +92,62 @@ pub fn choose_engine(
     }
 }
 
-/// Runs the guest of `config` under QEMU TCG; returns the guest's result
-/// status, if it printed one.
-pub fn run_qemu(config: &VmConfig) -> Result<Option<i32>, VmmError> {
+/// Largest guest RAM with virtio-milk under QEMU: the host maps the whole RAM
+/// file to reach the vrings, and the ivshmem transport addresses RAM below the
+/// PCI hole only.
+pub const QEMU_MILK_MAX_MEMORY_MIB: u32 = 3072;
+
+/// A host policy run under QEMU: the guest's result and the host summaries.
+#[derive(Debug)]
+pub struct QemuMilkRun {
+    /// The guest's `MILK-RESULT` status.
+    pub result: Option<i32>,
+    /// One summary per host runtime run (normally exactly one).
+    pub summaries: Vec<virtio_milk::metrics::Summary>,
+}
+
+/// Checks that `policy` names a host policy (`milk_policies::names()`).
+pub fn check_policy(policy: &str) -> Result<(), VmmError> {
+    if milk_policies::names().contains(&policy) {
+        Ok(())
+    } else {
+        Err(VmmError::InvalidConfig(format!(
+            "unknown --policy {policy:?} (known: {})",
+            milk_policies::names().join(", ")
+        )))
+    }
+}
+
+/// Runs the guest of `config` under QEMU TCG with the virtio-milk device
+/// (over ivshmem) served by the host policy `policy`.
+pub fn run_qemu_milk(config: &VmConfig, policy: &str) -> Result<QemuMilkRun, VmmError> {
+    check_policy(policy)?;
+    if config.memory_mib > QEMU_MILK_MAX_MEMORY_MIB {
+        return Err(VmmError::InvalidConfig(format!(
+            "--memory {} MiB: with --policy under QEMU the host maps guest RAM, at most {} MiB",
+            config.memory_mib, QEMU_MILK_MAX_MEMORY_MIB
+        )));
+    }
+    let cfg = milk_ivshmem::session::MilkGuestConfig::new(harness_spec(config), policy);
+    let echo = config.echo_console;
+    let run = milk_ivshmem::session::run_milk_guest(&cfg, &mut |line, _ctl| {
+        if echo {
+            println!("{line}");
+        }
+    })?;
+    log::info!(
+        "QEMU guest with virtio-milk ended after {:?} (qemu status {:?}); transport {:?}",
+        run.outcome.elapsed,
+        run.outcome.qemu_status,
+        run.device
+    );
+    Ok(QemuMilkRun {
+        result: run.status(),
+        summaries: run.summaries,
+    })
+}
+
+fn harness_spec(config: &VmConfig) -> milk_harness::GuestSpec {
     let mut spec = milk_harness::GuestSpec::new(&config.kernel);
     spec.initrd = config.initrd.clone();
     spec.cmdline = config.cmdline.clone();
@@ -103,6 +156,13 @@ pub fn run_qemu(config: &VmConfig) -> Result<Option<i32>, VmmError> {
     // The harness needs a limit; without --timeout use one day.
     spec.timeout = config.timeout.unwrap_or(Duration::from_secs(24 * 3600));
     spec.serial_log = config.serial_log.clone();
+    spec
+}
+
+/// Runs the guest of `config` under QEMU TCG; returns the guest's result
+/// status, if it printed one.
+pub fn run_qemu(config: &VmConfig) -> Result<Option<i32>, VmmError> {
+    let spec = harness_spec(config);
     let echo = config.echo_console;
     let outcome = milk_harness::run_qemu(&spec, &mut |line| {
         if echo {
@@ -153,6 +213,27 @@ mod tests {
             choose_engine(Qemu, &KvmSupport::Standard).unwrap().0,
             Engine::Qemu
         );
+    }
+
+    #[test]
+    fn policies_are_checked_by_name() {
+        assert!(check_policy("fifo").is_ok());
+        let e = check_policy("nope").unwrap_err();
+        assert_eq!(e.exit_code(), 64);
+        assert!(e.to_string().contains("fifo"), "{e}");
+    }
+
+    #[test]
+    fn milk_under_qemu_refuses_large_memory_before_starting() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = dir.path().join("k");
+        std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
+        let mut c = VmConfig::new(&k);
+        c.memory_mib = QEMU_MILK_MAX_MEMORY_MIB + 1;
+        let e = run_qemu_milk(&c, "fifo").unwrap_err();
+        assert_eq!(e.exit_code(), 64);
+        assert!(e.to_string().contains("at most 3072 MiB"), "{e}");
+        assert_eq!(run_qemu_milk(&c, "nope").unwrap_err().exit_code(), 64);
     }
 
     #[test]

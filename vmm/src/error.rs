@@ -89,6 +89,22 @@ pub enum VmmError {
     /// The QEMU engine failed.
     #[error("QEMU engine: {0}")]
     Qemu(#[from] milk_harness::HarnessError),
+    /// The QEMU engine with virtio-milk (ivshmem transport, host policy) failed.
+    #[error("QEMU engine with virtio-milk: {0}")]
+    Milk(milk_ivshmem::session::SessionError),
+    /// The virtio-milk device under KVM failed.
+    #[error("virtio-milk device: {0}")]
+    MilkDevice(#[from] virtio_milk::device::DeviceError),
+}
+
+impl From<milk_ivshmem::session::SessionError> for VmmError {
+    fn from(e: milk_ivshmem::session::SessionError) -> Self {
+        match e {
+            // Keep the harness's exit-code mapping (timeout, QEMU missing, ...).
+            milk_ivshmem::session::SessionError::Harness(h) => VmmError::Qemu(h),
+            e => VmmError::Milk(e),
+        }
+    }
 }
 
 impl VmmError {
@@ -119,6 +135,10 @@ impl VmmError {
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE
             }
+            VmmError::Milk(milk_ivshmem::session::SessionError::UnknownPolicy(..)) => {
+                exit_code::USAGE
+            }
+            VmmError::Milk(_) | VmmError::MilkDevice(_) => exit_code::SOFTWARE,
             VmmError::Qemu(h) => match h {
                 H::QemuMissing => exit_code::UNAVAILABLE,
                 H::BadInput(..) => exit_code::NO_INPUT,

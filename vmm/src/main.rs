@@ -15,9 +15,10 @@ Examples:
   # Force KVM (on kvm_pvm a standard kernel stops at its first exception).
   milk-vmm --kernel vmlinux --engine kvm --serial-log /tmp/serial.log --timeout 60
 
-  # Same guest under QEMU TCG, extra kernel arguments, a host policy.
-  milk-vmm --kernel bzImage --initrd initramfs.cpio.gz --engine qemu \\
-           --cmdline 'milk.run=/bin/stress' --policy fifo
+  # Same guest under QEMU TCG, scheduled by the host policy fifo through
+  # virtio-milk; a summary of the host runtime is printed at exit.
+  milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --engine qemu --cpus 2 \\
+           --cmdline 'milk.run=\"milk-work -t 16 -r 5\"' --policy fifo
 
 Exit status: the guest's `MILK-RESULT status=<n>`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
@@ -58,8 +59,9 @@ struct Cli {
     /// Which engine runs the guest.
     #[arg(long, value_enum, default_value_t = EngineArg::Auto)]
     engine: EngineArg,
-    /// Host scheduling policy for the guest (passed as milk.policy=NAME).
-    #[arg(long, value_name = "NAME")]
+    /// Host scheduling policy: attach the virtio-milk device and serve it with
+    /// this policy; a summary is printed at exit.
+    #[arg(long, value_name = "NAME", long_help = policy_help())]
     policy: Option<String>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
@@ -89,12 +91,25 @@ fn new_vm(config: VmConfig, echo_device: bool) -> Result<Vm, milk_vmm::VmmError>
     Ok(vm)
 }
 
-fn valid_policy(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+fn policy_help() -> String {
+    format!(
+        "Host scheduling policy: attach the virtio-milk device (virtio-mmio under KVM, \
+         virtio over ivshmem under QEMU) and serve the guest's sched_ext bridge with this \
+         host-side policy; a summary (messages, decisions, rejections, fallbacks, \
+         event -> decision latency) is printed at exit. Under QEMU guest memory is limited \
+         to {} MiB. Known policies: {}",
+        milk_vmm::engine::QEMU_MILK_MAX_MEMORY_MIB,
+        milk_policies::names().join(", ")
+    )
+}
+
+fn print_summaries(summaries: &[virtio_milk::metrics::Summary]) {
+    if summaries.is_empty() {
+        println!("virtio-milk summary: the guest driver never started the device");
+    }
+    for s in summaries {
+        println!("{s}");
+    }
 }
 
 fn main() -> ExitCode {
@@ -107,19 +122,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> i32 {
-    let mut cmdline = cli.cmdline.trim().to_string();
     if let Some(p) = &cli.policy {
-        if !valid_policy(p) {
-            eprintln!("milk-vmm: invalid --policy {p:?}: use letters, digits, '-' and '_'");
-            return exit_code::USAGE;
+        if let Err(e) = milk_vmm::engine::check_policy(p) {
+            eprintln!("milk-vmm: {e}");
+            return e.exit_code();
         }
-        // Before any init arguments (" -- ...").
-        let (boot, init) = match cmdline.find(" -- ") {
-            Some(i) => (cmdline[..i].to_string(), cmdline[i..].to_string()),
-            None => (cmdline.clone(), String::new()),
-        };
-        cmdline = format!("{boot} milk.policy={p}{init}").trim().to_string();
     }
+    let cmdline = cli.cmdline.trim().to_string();
     let config = VmConfig {
         kernel: cli.kernel,
         initrd: cli.initrd,
@@ -156,6 +165,22 @@ fn run(cli: Cli) -> i32 {
         }
     };
     match engine {
+        Engine::Qemu if cli.policy.is_some() => {
+            let policy = cli.policy.as_deref().unwrap_or_default();
+            match milk_vmm::engine::run_qemu_milk(&config, policy) {
+                Ok(run) => {
+                    print_summaries(&run.summaries);
+                    run.result.unwrap_or_else(|| {
+                        eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
+                        exit_code::NO_RESULT
+                    })
+                }
+                Err(e) => {
+                    eprintln!("milk-vmm: {e}");
+                    e.exit_code()
+                }
+            }
+        }
         Engine::Qemu => match milk_vmm::engine::run_qemu(&config) {
             Ok(Some(status)) => status,
             Ok(None) => {

@@ -1,0 +1,156 @@
+//! `milk-vmm --engine qemu --policy NAME`: the real guest under QEMU TCG with
+//! the virtio-milk device (virtio over ivshmem) served by a host policy, and
+//! the summary printed at exit.
+//!
+//! - `qemu_engine_with_fifo_policy_schedules_the_guest`: the project's kernel
+//!   and initramfs, a workload; exit status 0, the guest's sched_ext ops are
+//!   `milk`, the host summary counts RUN decisions and no protocol errors;
+//! - `unknown_policy_is_a_usage_error`: exit 64 with the known names, for
+//!   every engine, and no QEMU left behind.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run milk-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "milk-vmm panicked:\n{stderr}");
+    out
+}
+
+/// No process mentions `marker` (a unique temp path) in its command line.
+fn assert_no_leftovers(marker: &Path) {
+    let marker = marker.to_string_lossy().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            assert!(!cmd.contains(&marker), "leftover process {pid}: {cmd}");
+        }
+    }
+}
+
+/// The number after `key` in `text` (e.g. `"RUN "` in `"(RUN 12, ..."`).
+fn number_after(text: &str, key: &str) -> Option<u64> {
+    let i = text.find(key)? + key.len();
+    let digits: String = text[i..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+#[test]
+fn qemu_engine_with_fifo_policy_schedules_the_guest() {
+    assert!(
+        milk_harness::qemu_available(),
+        "qemu-system-x86_64 is needed for the QEMU engine"
+    );
+    let kernel = milk_guest_kernel::ensure_built().expect("guest kernel");
+    let initrd = milk_images::ensure_initramfs().expect("initramfs");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    let out = run(&[
+        "--kernel",
+        kernel.vmlinux.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--engine",
+        "qemu",
+        "--policy",
+        "fifo",
+        "--cpus",
+        "2",
+        "--timeout",
+        "300",
+        "--serial-log",
+        log.to_str().unwrap(),
+        "--cmdline",
+        "milk.run=\"cat /sys/kernel/sched_ext/root/ops; milk-work -t 16 -r 5\"",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stdout.lines().any(|l| l.trim() == "milk"),
+        "the guest's sched_ext ops are milk:\n{stdout}"
+    );
+    assert!(
+        !stdout.contains("milk.policy="),
+        "the policy is host-side, not a kernel argument"
+    );
+    let summary = &stdout[stdout
+        .find("virtio-milk summary: policy fifo")
+        .unwrap_or_else(|| panic!("no summary at exit:\n{stdout}"))..];
+    let messages = number_after(summary, "messages: ").expect("message count");
+    let runs = number_after(summary, "(RUN ").expect("RUN count");
+    let malformed = number_after(summary, "protocol errors: ").expect("malformed count");
+    let acked_ok = number_after(summary, "acks: OK ").expect("OK acks");
+    println!("{summary}");
+    assert!(messages > 0, "{summary}");
+    assert!(runs > 0, "RUN decisions: {summary}");
+    assert!(acked_ok > 0, "the guest acknowledged decisions: {summary}");
+    assert_eq!(malformed, 0, "{summary}");
+    for key in ["rejections: ", "guest fallbacks: ", "p50", "p99"] {
+        assert!(summary.contains(key), "summary lacks {key}: {summary}");
+    }
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("MILK-RESULT status=0"));
+    assert_no_leftovers(dir.path());
+}
+
+#[test]
+fn unknown_policy_is_a_usage_error() {
+    let kernel = milk_guest_kernel::ensure_built().expect("guest kernel");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("serial.log");
+    for engine in ["qemu", "auto", "kvm"] {
+        let out = run(&[
+            "--kernel",
+            kernel.vmlinux.to_str().unwrap(),
+            "--engine",
+            engine,
+            "--policy",
+            "no-such-policy",
+            "--serial-log",
+            log.to_str().unwrap(),
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{engine}: {stderr}");
+        assert!(
+            stderr.contains("unknown --policy \"no-such-policy\" (known: fifo"),
+            "{engine}: {stderr}"
+        );
+        assert!(!log.exists(), "{engine}: nothing was started");
+        assert_no_leftovers(dir.path());
+    }
+    // Guest RAM the host cannot map under QEMU.
+    let out = run(&[
+        "--kernel",
+        kernel.vmlinux.to_str().unwrap(),
+        "--engine",
+        "qemu",
+        "--policy",
+        "fifo",
+        "--memory",
+        "4096",
+        "--serial-log",
+        log.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("at most 3072 MiB"), "{stderr}");
+    assert_no_leftovers(dir.path());
+}
