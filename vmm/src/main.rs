@@ -82,13 +82,58 @@ struct Cli {
     linux64: bool,
 }
 
-fn new_vm(config: VmConfig, echo_device: bool) -> Result<Vm, milk_vmm::VmmError> {
+type Summaries = Option<milk_vmm::devices::virtio::milk::MilkSummaries>;
+
+fn new_vm(
+    config: VmConfig,
+    echo_device: bool,
+    policy: Option<&str>,
+) -> Result<(Vm, Summaries), milk_vmm::VmmError> {
+    let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
         let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
         vm.add_virtio_device(Box::new(dev))?;
     }
-    Ok(vm)
+    let mut summaries = None;
+    if let Some(name) = policy {
+        let name = name.to_owned();
+        let factory: virtio_milk::device::PolicyFactory = Box::new(move || {
+            // Checked against milk_policies::names() before the VM starts.
+            milk_policies::by_name(&name)
+                .unwrap_or_else(|| Box::new(milk_policies::Fifo::default()))
+        });
+        let (dev, s) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
+            cpus,
+            factory,
+            virtio_milk::runtime::RuntimeConfig::default(),
+        )?;
+        vm.add_virtio_device(Box::new(dev))?;
+        summaries = Some(s);
+    }
+    Ok((vm, summaries))
+}
+
+fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>) -> i32 {
+    let (vm, summaries) = match new_vm(config, echo_device, policy) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            return e.exit_code();
+        }
+    };
+    let result = vm.run();
+    // The VM and its devices are gone: every runtime summary is in.
+    if let Some(s) = summaries {
+        print_summaries(&s.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+    match result {
+        Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            e.exit_code()
+        }
+    }
 }
 
 fn policy_help() -> String {
@@ -192,12 +237,6 @@ fn run(cli: Cli) -> i32 {
                 e.exit_code()
             }
         },
-        Engine::Kvm => match new_vm(config, cli.echo_device).and_then(Vm::run) {
-            Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
-            Err(e) => {
-                eprintln!("milk-vmm: {e}");
-                e.exit_code()
-            }
-        },
+        Engine::Kvm => run_kvm(config, cli.echo_device, cli.policy.as_deref()),
     }
 }

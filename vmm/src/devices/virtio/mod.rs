@@ -13,6 +13,7 @@
 //! scheduler channel).
 
 pub mod echo;
+pub mod milk;
 pub mod mmio;
 
 use std::sync::atomic::{AtomicU32, Ordering};
