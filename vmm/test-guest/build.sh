@@ -9,7 +9,7 @@ mkdir -p "$out"
 CC=${CC:-gcc}
 CFLAGS="-O2 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -mno-red-zone \
  -mgeneral-regs-only -fno-asynchronous-unwind-tables -nostdlib -Wall -Wextra -Werror"
-$CC $CFLAGS -c "$here/guest.c" -o "$out/guest.o"
+$CC $CFLAGS -I"$here/../../virtio-milk/include" -c "$here/guest.c" -o "$out/guest.o"
 $CC -c "$here/entry64.S" -o "$out/entry64.o"
 $CC -c "$here/pvh.S" -o "$out/pvh.o"
 $CC -c "$here/stack.S" -o "$out/stack.o"

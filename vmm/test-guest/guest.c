@@ -10,8 +10,16 @@
  * 6. prints "MILK-RESULT status=<n>" (0 = all checks passed, else the failing
  *    step) and resets the machine through the i8042 controller (or, where
  *    there is none, by a triple fault).
+ *
+ * When the device is virtio-milk (milk-vmm --policy NAME) instead of echo,
+ * steps 4-5 are a scheduling round trip with the host policy (milk_test()):
+ * config read, one CPU's event + decision queues, host HELLO, guest HELLO,
+ * TASK_NEW + TASK_WAKEUP of a fake task, the host's RUN for it, an OK ACK.
  */
 #include <stdint.h>
+
+#define VIRTIO_MILK_FORCE_FALLBACK_TYPES
+#include "virtio_milk.h"
 
 #define COM1 0x3f8
 
@@ -236,6 +244,237 @@ static void finish(int status)
 		}                                    \
 	} while (0)
 
+/* ---- virtio-milk round trip ------------------------------------------ */
+
+#define MQ 8 /* entries per milk queue */
+#define FAKE_PID 4242u
+#define SPIN_LIMIT 20000000ul
+
+struct milk_vq {
+	struct desc desc[MQ] __attribute__((aligned(16)));
+	struct {
+		uint16_t flags;
+		uint16_t idx;
+		uint16_t ring[MQ];
+		uint16_t used_event;
+	} avail __attribute__((aligned(2)));
+	struct {
+		uint16_t flags;
+		uint16_t idx;
+		struct used_elem ring[MQ];
+		uint16_t avail_event;
+	} used __attribute__((aligned(4)));
+	uint16_t last_used;
+	union virtio_milk_record buf[MQ] __attribute__((aligned(64)));
+};
+
+static struct milk_vq evq, dvq;
+static uint64_t milk_session;
+static unsigned milk_hellos, milk_runs, milk_others;
+static struct virtio_milk_decision milk_run;
+
+static void vq_setup(uint32_t index, struct milk_vq *q)
+{
+	wr(R_QUEUE_SEL, index);
+	CHECK(110, rd(R_QUEUE_READY) == 0, "milk queue already ready");
+	CHECK(111, rd(R_QUEUE_NUM_MAX) >= MQ, "milk queue too small");
+	wr(R_QUEUE_NUM, MQ);
+	wr(R_QUEUE_DESC_LOW, (uint32_t)(uintptr_t)q->desc);
+	wr(R_QUEUE_DESC_HIGH, 0);
+	wr(R_QUEUE_DRIVER_LOW, (uint32_t)(uintptr_t)&q->avail);
+	wr(R_QUEUE_DRIVER_HIGH, 0);
+	wr(R_QUEUE_DEVICE_LOW, (uint32_t)(uintptr_t)&q->used);
+	wr(R_QUEUE_DEVICE_HIGH, 0);
+	wr(R_QUEUE_READY, 1);
+	CHECK(112, rd(R_QUEUE_READY) == 1, "milk queue not ready");
+}
+
+/* Makes buffer `i` of `q` available (device-writable for the decision queue). */
+static void vq_post(struct milk_vq *q, uint16_t i, int writable)
+{
+	q->desc[i].addr = (uint64_t)(uintptr_t)&q->buf[i];
+	q->desc[i].len = VIRTIO_MILK_RECORD_SIZE;
+	q->desc[i].flags = writable ? DESC_F_WRITE : 0;
+	q->desc[i].next = 0;
+	q->avail.ring[q->avail.idx % MQ] = i;
+	mb();
+	q->avail.idx++;
+	mb();
+}
+
+static void hdr(struct virtio_milk_hdr *h, uint16_t type)
+{
+	h->type = type;
+	h->len = VIRTIO_MILK_RECORD_SIZE;
+	h->version = VIRTIO_MILK_PROTO_VERSION;
+	h->flags = 0;
+	h->cpu = 0;
+}
+
+/* Sends one record on the event queue (one record per buffer, no batching). */
+static void send_record(const union virtio_milk_record *r)
+{
+	uint16_t i = evq.avail.idx % MQ;
+	evq.buf[i] = *r;
+	vq_post(&evq, i, 0);
+	wr(R_QUEUE_NOTIFY, VIRTIO_MILK_EVENT_VQ(0));
+}
+
+/* Consumes used decision buffers, re-posting each; true once `want` holds. */
+static void poll_decisions(void)
+{
+	while (*(volatile uint16_t *)&dvq.used.idx != dvq.last_used) {
+		mb();
+		struct used_elem e = dvq.used.ring[dvq.last_used % MQ];
+		dvq.last_used++;
+		CHECK(120, e.id < MQ, "decision used id out of range");
+		CHECK(121, e.len == VIRTIO_MILK_RECORD_SIZE, "decision used length");
+		const union virtio_milk_record *r = &dvq.buf[e.id];
+		CHECK(122, r->hdr.len == VIRTIO_MILK_RECORD_SIZE &&
+				   r->hdr.version == VIRTIO_MILK_PROTO_VERSION,
+		      "decision record header");
+		switch (r->hdr.type) {
+		case VIRTIO_MILK_MSG_HELLO:
+			milk_hellos++;
+			milk_session = r->session.session_id;
+			CHECK(123, r->session.num_cpus == 1, "host HELLO num_cpus");
+			puts("milk: host HELLO, policy ");
+			{
+				char name[17];
+				memcpy(name, r->session.name, 16);
+				name[16] = 0;
+				puts(name);
+			}
+			puts("\n");
+			break;
+		case VIRTIO_MILK_MSG_RUN:
+			milk_runs++;
+			milk_run = r->decision;
+			break;
+		default:
+			milk_others++; /* HEARTBEAT and the like */
+			break;
+		}
+		vq_post(&dvq, (uint16_t)e.id, 1);
+		wr(R_QUEUE_NOTIFY, VIRTIO_MILK_DECISION_VQ(0));
+	}
+}
+
+#define WAIT_FOR(step, cond, what)                                   \
+	do {                                                         \
+		unsigned long spins_ = 0;                            \
+		while (!(cond) && spins_++ < SPIN_LIMIT)             \
+			poll_decisions();                            \
+		CHECK(step, cond, what);                             \
+	} while (0)
+
+static void milk_test(void)
+{
+	union virtio_milk_record r;
+
+	puts("virtio-milk device\n");
+	wr(R_STATUS, 0);
+	CHECK(100, rd(R_STATUS) == 0, "reset did not clear status");
+	wr(R_STATUS, S_ACKNOWLEDGE);
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER);
+	wr(R_DEVICE_FEATURES_SEL, 1);
+	uint32_t f_hi = rd(R_DEVICE_FEATURES);
+	CHECK(101, f_hi & 1, "VIRTIO_F_VERSION_1 not offered");
+	wr(R_DRIVER_FEATURES_SEL, 0);
+	wr(R_DRIVER_FEATURES, 0); /* no heartbeat/batch/event-idx: one record per buffer */
+	wr(R_DRIVER_FEATURES_SEL, 1);
+	wr(R_DRIVER_FEATURES, 1);
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK);
+	CHECK(102, rd(R_STATUS) & S_FEATURES_OK, "device refused FEATURES_OK");
+
+	/* struct virtio_milk_config, read as aligned 32-bit words. */
+	uint32_t num_cpus = rd(R_CONFIG + 0);
+	uint32_t w1 = rd(R_CONFIG + 4), w2 = rd(R_CONFIG + 8);
+	puts("milk: config num_cpus=");
+	putdec(num_cpus);
+	puts(" version=");
+	putdec(w1 & 0xffff);
+	puts(" record_size=");
+	putdec(w2 & 0xffff);
+	puts("\n");
+	CHECK(103, num_cpus == 1, "config num_cpus (run with one vCPU)");
+	CHECK(104, (w1 & 0xffff) == VIRTIO_MILK_PROTO_VERSION, "config version");
+	CHECK(105, (w2 & 0xffff) == VIRTIO_MILK_RECORD_SIZE, "config record_size");
+	CHECK(106, (w2 >> 16) == VIRTIO_MILK_QUEUES_PER_CPU, "config queues_per_cpu");
+
+	vq_setup(VIRTIO_MILK_EVENT_VQ(0), &evq);
+	vq_setup(VIRTIO_MILK_DECISION_VQ(0), &dvq);
+	/* Pre-post every decision buffer. */
+	for (uint16_t i = 0; i < MQ; i++)
+		vq_post(&dvq, i, 1);
+
+	wr(R_STATUS, S_ACKNOWLEDGE | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	uint32_t st = rd(R_STATUS);
+	CHECK(107, (st & S_DRIVER_OK) && !(st & S_NEEDS_RESET), "milk device not live");
+
+	WAIT_FOR(130, milk_hellos > 0, "no HELLO from the host");
+
+	memset(&r, 0, sizeof(r));
+	hdr(&r.hdr, VIRTIO_MILK_MSG_HELLO);
+	r.session.num_cpus = 1;
+	r.session.session_id = milk_session;
+	memcpy(r.session.name, "test-guest", 10);
+	send_record(&r);
+
+	memset(&r, 0, sizeof(r));
+	hdr(&r.hdr, VIRTIO_MILK_MSG_TASK_NEW);
+	r.task_new.pid = FAKE_PID;
+	r.task_new.tgid = FAKE_PID;
+	r.task_new.seq = 1;
+	memcpy(r.task_new.comm, "fake-task", 9);
+	r.task_new.cpus_allowed = 1;
+	r.task_new.weight = 100;
+	send_record(&r);
+
+	memset(&r, 0, sizeof(r));
+	hdr(&r.hdr, VIRTIO_MILK_MSG_TASK_WAKEUP);
+	r.event.pid = FAKE_PID;
+	r.event.seq = 2;
+	send_record(&r);
+
+	WAIT_FOR(131, milk_runs > 0, "no RUN decision from the host");
+	puts("milk: RUN pid=");
+	putdec(milk_run.pid);
+	puts(" cpu=");
+	putdec(milk_run.hdr.cpu);
+	puts(" seq=");
+	putdec(milk_run.seq);
+	puts(" slice_ns=");
+	putdec(milk_run.slice_ns);
+	puts("\n");
+	CHECK(132, milk_run.pid == FAKE_PID, "RUN for another task");
+	CHECK(133, milk_run.hdr.cpu == 0, "RUN on another CPU");
+	CHECK(134, milk_run.seq == 2, "RUN with the wrong seq");
+
+	memset(&r, 0, sizeof(r));
+	hdr(&r.hdr, VIRTIO_MILK_MSG_ACK);
+	r.ack.pid = milk_run.pid;
+	r.ack.status = VIRTIO_MILK_ACK_OK;
+	r.ack.seq = milk_run.seq;
+	r.ack.cookie = milk_run.cookie;
+	r.ack.decision_type = VIRTIO_MILK_MSG_RUN;
+	r.ack.target_cpu = milk_run.hdr.cpu;
+	send_record(&r);
+
+	/* The host consumed all four records (HELLO, TASK_NEW, TASK_WAKEUP, ACK). */
+	WAIT_FOR(135, *(volatile uint16_t *)&evq.used.idx == 4, "events not consumed");
+	CHECK(136, rd(R_INTERRUPT_STATUS) & 1, "InterruptStatus has no used-buffer bit");
+	wr(R_INTERRUPT_ACK, 1);
+	CHECK(137, (rd(R_INTERRUPT_STATUS) & 1) == 0, "InterruptACK did not clear the bit");
+	puts("milk: round trip ok (");
+	putdec(milk_others);
+	puts(" other host records)\n");
+
+	wr(R_STATUS, 0);
+	CHECK(138, rd(R_STATUS) == 0, "milk device reset");
+	finish(0);
+}
+
 void guest_main(const char *cmdline)
 {
 	puts("\nmilk test guest: hello\n");
@@ -259,6 +498,8 @@ void guest_main(const char *cmdline)
 	puts("\n");
 	CHECK(11, rd(R_MAGIC) == VIRTIO_MAGIC, "bad magic");
 	CHECK(12, rd(R_VERSION) == 2, "not a modern (version 2) transport");
+	if (rd(R_DEVICE_ID) == VIRTIO_ID_MILK)
+		milk_test();
 	CHECK(13, rd(R_DEVICE_ID) == ECHO_DEVICE_ID, "not the echo device");
 
 	wr(R_STATUS, 0);
