@@ -5,8 +5,13 @@
 //! - `qemu_engine_with_fifo_policy_schedules_the_guest`: the project's kernel
 //!   and initramfs, a workload; exit status 0, the guest's sched_ext ops are
 //!   `milk`, the host summary counts RUN decisions and no protocol errors;
+//! - `auto_engine_with_fifo_policy_uses_qemu_here`: the same with
+//!   `--engine auto` where KVM cannot run a standard guest (kvm_pvm here);
 //! - `unknown_policy_is_a_usage_error`: exit 64 with the known names, for
 //!   every engine, and no QEMU left behind.
+//!
+//! Kernel and initramfs: `milk_guest_kernel::ensure_built()` and
+//! `milk_images::ensure_initramfs()`, or `MILK_VMLINUX` / `MILK_INITRAMFS`.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -53,21 +58,58 @@ fn number_after(text: &str, key: &str) -> Option<u64> {
 
 #[test]
 fn qemu_engine_with_fifo_policy_schedules_the_guest() {
+    fifo_policy_run("qemu");
+}
+
+#[test]
+fn auto_engine_with_fifo_policy_uses_qemu_here() {
+    if milk_vmm::detect_kvm() == milk_vmm::KvmSupport::Standard {
+        println!("skipped: auto picks KVM on this host (VMX/SVM), not the QEMU path");
+        return;
+    }
+    fifo_policy_run("auto");
+}
+
+/// The project's `vmlinux` (or `MILK_VMLINUX`).
+fn vmlinux() -> std::path::PathBuf {
+    match std::env::var("MILK_VMLINUX") {
+        Ok(p) => p.into(),
+        Err(_) => {
+            milk_guest_kernel::ensure_built()
+                .expect("guest kernel builds")
+                .vmlinux
+        }
+    }
+}
+
+/// The project's initramfs (or `MILK_INITRAMFS`).
+fn initramfs() -> std::path::PathBuf {
+    match std::env::var("MILK_INITRAMFS") {
+        Ok(p) => p.into(),
+        Err(_) => milk_images::ensure_initramfs().expect("initramfs builds"),
+    }
+}
+
+/// One TCG guest at a time (2 host cores).
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn fifo_policy_run(engine: &str) {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     assert!(
         milk_harness::qemu_available(),
         "qemu-system-x86_64 is needed for the QEMU engine"
     );
-    let kernel = milk_guest_kernel::ensure_built().expect("guest kernel");
-    let initrd = milk_images::ensure_initramfs().expect("initramfs");
+    let kernel = vmlinux();
+    let initrd = initramfs();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     let out = run(&[
         "--kernel",
-        kernel.vmlinux.to_str().unwrap(),
+        kernel.to_str().unwrap(),
         "--initrd",
         initrd.to_str().unwrap(),
         "--engine",
-        "qemu",
+        engine,
         "--policy",
         "fifo",
         "--cpus",
@@ -108,18 +150,24 @@ fn qemu_engine_with_fifo_policy_schedules_the_guest() {
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .contains("MILK-RESULT status=0"));
+    if engine == "auto" {
+        assert!(
+            stderr.contains("running the guest under QEMU TCG"),
+            "{stderr}"
+        );
+    }
     assert_no_leftovers(dir.path());
 }
 
 #[test]
 fn unknown_policy_is_a_usage_error() {
-    let kernel = milk_guest_kernel::ensure_built().expect("guest kernel");
+    let kernel = vmlinux();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("serial.log");
     for engine in ["qemu", "auto", "kvm"] {
         let out = run(&[
             "--kernel",
-            kernel.vmlinux.to_str().unwrap(),
+            kernel.to_str().unwrap(),
             "--engine",
             engine,
             "--policy",
@@ -139,7 +187,7 @@ fn unknown_policy_is_a_usage_error() {
     // Guest RAM the host cannot map under QEMU.
     let out = run(&[
         "--kernel",
-        kernel.vmlinux.to_str().unwrap(),
+        kernel.to_str().unwrap(),
         "--engine",
         "qemu",
         "--policy",
