@@ -76,6 +76,7 @@ fn help_has_examples() {
         "--serial-log",
         "Examples:",
         "Exit status",
+        "Known policies: fifo",
     ] {
         assert!(s.contains(needle), "--help lacks {needle}:\n{s}");
     }
