@@ -205,9 +205,49 @@ mod tests {
         assert_eq!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         // Reset stops the runtime and records its summary (HELLO and GOODBYE sent).
         w(&mut t, reg::STATUS, 0);
-        let s = summaries.lock().unwrap();
-        assert_eq!(s.len(), 1);
-        assert_eq!(s[0].policy, "fifo");
-        assert!(s[0].metrics.session_sent >= 1, "{}", s[0]);
+        {
+            let s = summaries.lock().unwrap();
+            assert_eq!(s.len(), 1);
+            assert_eq!(s[0].policy, "fifo");
+            assert!(s[0].metrics.session_sent >= 1, "{}", s[0]);
+        }
+        // Activate again, then end the VM without a reset: dropping the slot
+        // stops the second runtime and records its summary too.
+        drive_to_driver_ok(&mut t);
+        assert!(t.is_activated());
+        drop(t);
+        assert_eq!(summaries.lock().unwrap().len(), 2);
+    }
+
+    fn drive_to_driver_ok(t: &mut MmioTransport) {
+        w(t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        w(t, reg::DRIVER_FEATURES_SEL, 1);
+        w(t, reg::DRIVER_FEATURES, 1);
+        let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+        w(t, reg::STATUS, s);
+        for (q, base) in [(0u32, 0x10_0000u32), (1, 0x20_0000)] {
+            w(t, reg::QUEUE_SEL, q);
+            w(t, reg::QUEUE_NUM, 16);
+            w(t, reg::QUEUE_DESC_LOW, base);
+            w(t, reg::QUEUE_DRIVER_LOW, base + 0x1000);
+            w(t, reg::QUEUE_DEVICE_LOW, base + 0x2000);
+            w(t, reg::QUEUE_READY, 1);
+        }
+        w(t, reg::STATUS, s | status::DRIVER_OK);
+    }
+
+    #[test]
+    fn unready_queues_are_refused() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let (dev, summaries) = MilkMmioDevice::new(2, fifo(), RuntimeConfig::default()).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let mut t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
+        assert_eq!(t.queue_evts().len(), 4);
+        // Only CPU 0's queues: the device needs all of them.
+        drive_to_driver_ok(&mut t);
+        assert!(!t.is_activated());
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        drop(t);
+        assert!(summaries.lock().unwrap().is_empty(), "no runtime ran");
     }
 }
