@@ -8,6 +8,8 @@
 //!
 //! - `cli_kvm_policy_fifo_round_trip`: `milk-vmm --engine kvm --policy fifo`,
 //!   the summary printed at exit;
+//! - `cli_policy_device_unused_by_the_guest_says_so`: a device the guest never
+//!   starts is reported as such at exit;
 //! - `vm_with_milk_device_round_trip_64bit_entry`: the same through the
 //!   library (64-bit entry), with transport and device counters.
 
@@ -126,4 +128,28 @@ fn vm_with_milk_device_round_trip_64bit_entry() {
     assert_eq!(m.messages(), 4, "{}", s[0]);
     assert_eq!(s[0].engine.malformed_total(), 0);
     assert_eq!(m.latency.count(), 1, "one event -> decision sample");
+}
+
+#[test]
+fn cli_policy_device_unused_by_the_guest_says_so() {
+    assert!(common::kvm_usable(), "/dev/kvm is needed for this test");
+    // Echo in slot 0, virtio-milk in slot 1: the test guest drives only the
+    // first device, so no runtime ever runs.
+    let k = common::test_guest("pvh");
+    let out = Command::new(BIN)
+        .args(["--kernel", k.to_str().unwrap(), "--echo-device"])
+        .args(["--engine", "kvm", "--policy", "fifo", "--timeout", "120"])
+        .output()
+        .expect("run milk-vmm");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains("virtio_mmio.device=4K@0xd0001000:6"),
+        "second slot announced: {stdout}"
+    );
+    assert!(stdout.contains("echo: HELLO FROM THE MILK TEST GUEST"));
+    assert!(
+        stdout.contains("virtio-milk summary: the guest driver never started the device"),
+        "{stdout}"
+    );
 }
