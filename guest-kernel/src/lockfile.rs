@@ -16,6 +16,8 @@ pub struct KernelLock {
     pub source_sha256: String,
     /// sha256 of the `bzImage` a clean build produces (empty: not recorded).
     pub bzimage_sha256: String,
+    /// Cache key (source, config fragment, patches, recipe) that hash is for.
+    pub bzimage_key: String,
 }
 
 impl KernelLock {
@@ -40,6 +42,7 @@ impl KernelLock {
                 "source_package" => lock.source_package = value,
                 "source_sha256" => lock.source_sha256 = value,
                 "bzimage_sha256" => lock.bzimage_sha256 = value,
+                "bzimage_key" => lock.bzimage_key = value,
                 other => return Err(Error::Lock(format!("line {}: unknown key {other}", no + 1))),
             }
         }
@@ -63,13 +66,14 @@ mod tests {
     #[test]
     fn parses_all_keys_and_comments() {
         let l = KernelLock::parse(
-            "# c\nversion = \"6.12.1\"\nsource_package = \"p\"\n\nsource_sha256 = \"ab\"\nbzimage_sha256 = \"\"\n",
+            "# c\nversion = \"6.12.1\"\nsource_package = \"p\"\n\nsource_sha256 = \"ab\"\nbzimage_sha256 = \"\"\nbzimage_key = \"k\"\n",
         )
         .unwrap();
         assert_eq!(l.version, "6.12.1");
         assert_eq!(l.source_package, "p");
         assert_eq!(l.source_sha256, "ab");
         assert_eq!(l.bzimage_sha256, "");
+        assert_eq!(l.bzimage_key, "k");
     }
 
     #[test]

@@ -95,6 +95,11 @@ fn cache_hit_is_fast_and_matches_the_lock() {
     );
     if tar_sha == lock.source_sha256 {
         assert_eq!(
+            again.key, lock.bzimage_key,
+            "kernel.lock records the bzImage of other inputs (config, patches or build \
+             recipe changed): run `cargo xtask reproducible --record`"
+        );
+        assert_eq!(
             again.bzimage_sha256, lock.bzimage_sha256,
             "bzImage does not reproduce the hash recorded in kernel.lock"
         );

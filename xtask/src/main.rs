@@ -221,35 +221,32 @@ fn exit_for(out: &milk_harness::GuestOutcome) -> ExitCode {
 }
 
 fn reproducible(record: bool) -> Res<ExitCode> {
-    let mut sums = Vec::new();
+    let mut builds = Vec::new();
     for i in 1..=2 {
         eprintln!("[reproducible] clean build {i} of 2");
         let opts = milk_guest_kernel::BuildOptions {
             clean: true,
             ..Default::default()
         };
-        sums.push(milk_guest_kernel::build(&opts)?.bzimage_sha256);
+        builds.push(milk_guest_kernel::build(&opts)?);
     }
-    println!("build 1 bzImage sha256 {}", sums[0]);
-    println!("build 2 bzImage sha256 {}", sums[1]);
-    if sums[0] != sums[1] {
+    println!("build 1 bzImage sha256 {}", builds[0].bzimage_sha256);
+    println!("build 2 bzImage sha256 {}", builds[1].bzimage_sha256);
+    if builds[0].bzimage_sha256 != builds[1].bzimage_sha256 {
         eprintln!("error: the two clean builds differ");
         return Ok(ExitCode::from(1));
     }
     if record {
         let path = milk_guest_kernel::lock_path();
         let text = std::fs::read_to_string(&path)?;
-        let new: Vec<String> = text
+        let mut lines: Vec<String> = text
             .lines()
-            .map(|l| {
-                if l.starts_with("bzimage_sha256") {
-                    format!("bzimage_sha256 = \"{}\"", sums[0])
-                } else {
-                    l.to_string()
-                }
-            })
+            .filter(|l| !l.starts_with("bzimage_sha256") && !l.starts_with("bzimage_key"))
+            .map(str::to_string)
             .collect();
-        std::fs::write(&path, new.join("\n") + "\n")?;
+        lines.push(format!("bzimage_sha256 = \"{}\"", builds[0].bzimage_sha256));
+        lines.push(format!("bzimage_key = \"{}\"", builds[0].key));
+        std::fs::write(&path, lines.join("\n") + "\n")?;
         println!("recorded in {}", path.display());
     }
     Ok(ExitCode::SUCCESS)
