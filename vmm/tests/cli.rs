@@ -5,39 +5,10 @@
 
 mod common;
 
+use common::{assert_no_leftovers, run, BIN};
+
 use std::path::Path;
-use std::process::{Command, Output};
-
-const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run milk-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "milk-vmm panicked:\n{stderr}");
-    out
-}
-
-/// Asserts that no process mentions `marker` (a unique temp path) in its
-/// command line: nothing the binary started outlived it.
-fn assert_no_leftovers(marker: &Path) {
-    let marker = marker.to_string_lossy().to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            assert!(!cmd.contains(&marker), "leftover process {pid}: {cmd}");
-        }
-    }
-}
+use std::process::Command;
 
 fn expect_error(args: &[&str], code: i32, needle: &str, marker: &Path) {
     let out = run(args);

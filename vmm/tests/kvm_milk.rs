@@ -15,6 +15,8 @@
 
 mod common;
 
+use common::{number_after, BIN};
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -22,18 +24,6 @@ use milk_vmm::devices::virtio::milk::MilkMmioDevice;
 use milk_vmm::{ExitReason, Vm, VmConfig};
 use virtio_milk::protocol::AckStatus;
 use virtio_milk::runtime::RuntimeConfig;
-
-const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
-
-/// The number after `key` in `text`.
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let i = text.find(key)? + key.len();
-    let digits: String = text[i..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
 
 #[test]
 fn cli_kvm_policy_fifo_round_trip() {

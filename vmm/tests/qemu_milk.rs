@@ -13,48 +13,9 @@
 //! Kernel and initramfs: `milk_guest_kernel::ensure_built()` and
 //! `milk_images::ensure_initramfs()`, or `MILK_VMLINUX` / `MILK_INITRAMFS`.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
-
-fn run(args: &[&str]) -> Output {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run milk-vmm");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!stderr.contains("panicked"), "milk-vmm panicked:\n{stderr}");
-    out
-}
-
-/// No process mentions `marker` (a unique temp path) in its command line.
-fn assert_no_leftovers(marker: &Path) {
-    let marker = marker.to_string_lossy().to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == std::process::id() {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            assert!(!cmd.contains(&marker), "leftover process {pid}: {cmd}");
-        }
-    }
-}
-
-/// The number after `key` in `text` (e.g. `"RUN "` in `"(RUN 12, ..."`).
-fn number_after(text: &str, key: &str) -> Option<u64> {
-    let i = text.find(key)? + key.len();
-    let digits: String = text[i..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
-}
+use common::{assert_no_leftovers, number_after, run};
 
 #[test]
 fn qemu_engine_with_fifo_policy_schedules_the_guest() {
