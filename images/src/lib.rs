@@ -209,13 +209,25 @@ pub fn build_to(out: &Path) -> Result<(), Error> {
 /// A hash over everything that decides the image's bytes.
 pub fn input_key() -> Result<String, Error> {
     let mut h = Sha256::new();
-    h.update(b"milk-initramfs-v1\0");
+    h.update(b"milk-initramfs-v2\0");
     let init = crate_dir().join("init");
     h.update(fs::read(&init).map_err(io(&init))?);
     h.update(fs::read(BUSYBOX).map_err(io(Path::new(BUSYBOX)))?);
     for w in workloads()? {
         h.update(w.name.as_bytes());
         h.update(fs::read(&w.source).map_err(io(&w.source))?);
+    }
+    // Headers the workloads share.
+    let dir = crate_dir().join("workloads");
+    let mut headers: Vec<PathBuf> = fs::read_dir(&dir)
+        .map_err(io(&dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "h"))
+        .collect();
+    headers.sort();
+    for hdr in headers {
+        h.update(hdr.file_name().unwrap_or_default().as_encoded_bytes());
+        h.update(fs::read(&hdr).map_err(io(&hdr))?);
     }
     let gcc = Command::new("gcc")
         .arg("--version")

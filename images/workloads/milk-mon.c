@@ -26,6 +26,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload.h"
+
 #define FIELDS 6
 
 static const char *const paths[FIELDS] = {
@@ -61,28 +63,6 @@ static void read_field(const char *path, char *buf, size_t len)
 	buf[strcspn(buf, "\n")] = '\0';
 }
 
-static long long now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static unsigned long parse(const char *s, const char *what)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || *end || end == s) {
-		fprintf(stderr, "milk-mon: bad %s: %s\n", what, s);
-		exit(2);
-	}
-	return v;
-}
-
 int main(int argc, char **argv)
 {
 	char cur[FIELDS][32], prev[FIELDS][32];
@@ -92,8 +72,8 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "i:d:h")) != -1) {
 		switch (opt) {
-		case 'i': interval_ms = parse(optarg, "interval"); break;
-		case 'd': duration_ms = parse(optarg, "duration"); break;
+		case 'i': interval_ms = workload_parse("milk-mon", optarg, "interval"); break;
+		case 'd': duration_ms = workload_parse("milk-mon", optarg, "duration"); break;
 		default:
 			fprintf(stderr, "usage: milk-mon [-i INTERVAL_MS] [-d DURATION_MS]\n");
 			return opt == 'h' ? 0 : 2;
@@ -102,7 +82,7 @@ int main(int argc, char **argv)
 	if (interval_ms == 0)
 		interval_ms = 1;
 	memset(prev, 0, sizeof(prev));
-	start = prev_ms = now_ms();
+	start = prev_ms = workload_now_ms();
 	for (;;) {
 		struct timespec ts = {
 			.tv_sec = interval_ms / 1000,
@@ -110,7 +90,7 @@ int main(int argc, char **argv)
 		};
 		int changed = first;
 
-		t = now_ms();
+		t = workload_now_ms();
 		for (i = 0; i < FIELDS; i++) {
 			read_field(paths[i], cur[i], sizeof(cur[i]));
 			if (strcmp(cur[i], prev[i]))

@@ -25,27 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static unsigned long parse(const char *s, const char *what)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || *end || end == s) {
-		fprintf(stderr, "milk-pin: bad %s: %s\n", what, s);
-		exit(2);
-	}
-	return v;
-}
-
-static long long now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
+#include "workload.h"
 
 int main(int argc, char **argv)
 {
@@ -58,9 +38,9 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "c:d:s:h")) != -1) {
 		switch (opt) {
-		case 'c': cpu = parse(optarg, "cpu"); break;
-		case 'd': duration_ms = parse(optarg, "duration"); break;
-		case 's': sleep_us = parse(optarg, "sleep"); break;
+		case 'c': cpu = workload_parse("milk-pin", optarg, "cpu"); break;
+		case 'd': duration_ms = workload_parse("milk-pin", optarg, "duration"); break;
+		case 's': sleep_us = workload_parse("milk-pin", optarg, "sleep"); break;
 		default:
 			fprintf(stderr, "usage: milk-pin [-c CPU] [-d DURATION_MS] [-s SLEEP_US]\n");
 			return opt == 'h' ? 0 : 2;
@@ -79,7 +59,7 @@ int main(int argc, char **argv)
 	printf("milk-pin: pid=%d cpu=%lu\n", (int)getpid(), cpu);
 	fflush(stdout);
 
-	end = now_ms() + (long long)duration_ms;
+	end = workload_now_ms() + (long long)duration_ms;
 	do {
 		struct timespec ts = {
 			.tv_sec = sleep_us / 1000000,
@@ -93,7 +73,7 @@ int main(int argc, char **argv)
 		if ((unsigned long)sched_getcpu() != cpu)
 			wrong++;
 		iterations++;
-	} while (now_ms() < end);
+	} while (workload_now_ms() < end);
 
 	printf("milk-pin: done pid=%d cpu=%lu iterations=%lu wrong_cpu=%lu\n",
 	       (int)getpid(), cpu, iterations, wrong);

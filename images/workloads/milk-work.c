@@ -28,6 +28,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload.h"
+
 struct worker {
 	pthread_t thread;
 	unsigned int id;
@@ -86,20 +88,6 @@ static void *run(void *arg)
 	return NULL;
 }
 
-static unsigned long parse(const char *s, const char *what)
-{
-	char *end;
-	unsigned long v;
-
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || *end || end == s) {
-		fprintf(stderr, "milk-work: bad %s: %s\n", what, s);
-		exit(2);
-	}
-	return v;
-}
-
 int main(int argc, char **argv)
 {
 	unsigned long threads = 64, i, ok = 0, wakeups = 0;
@@ -109,10 +97,10 @@ int main(int argc, char **argv)
 
 	while ((opt = getopt(argc, argv, "t:r:w:s:h")) != -1) {
 		switch (opt) {
-		case 't': threads = parse(optarg, "thread count"); break;
-		case 'r': rounds = parse(optarg, "round count"); break;
-		case 'w': work = parse(optarg, "work"); break;
-		case 's': sleep_us = parse(optarg, "sleep"); break;
+		case 't': threads = workload_parse("milk-work", optarg, "thread count"); break;
+		case 'r': rounds = workload_parse("milk-work", optarg, "round count"); break;
+		case 'w': work = workload_parse("milk-work", optarg, "work"); break;
+		case 's': sleep_us = workload_parse("milk-work", optarg, "sleep"); break;
 		default:
 			fprintf(stderr, "usage: milk-work [-t THREADS] [-r ROUNDS] [-w WORK] [-s SLEEP_US]\n");
 			return opt == 'h' ? 0 : 2;
