@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use milk_harness::GuestSpec;
-use milk_ivshmem::session::{run_milk_guest, GuestControl, MilkGuestConfig, MilkRun};
+use milk_ivshmem::session::{run_milk_guest, GuestControl, MilkGuestConfig, MilkRun, SessionError};
 use virtio_milk::metrics::Summary;
 use virtio_milk::protocol::{msg, AckStatus};
 use virtio_milk::runtime::RawDecision;
@@ -280,35 +280,30 @@ fn timeout_note(run: &MilkRun) -> &'static str {
     }
 }
 
-#[test]
-fn host_stop_mid_workload_falls_back_within_1s_and_restart_reenables() {
-    // milk-mon samples the state every 10 ms and prints changes with
-    // timestamps; the host stops its runtime when the workload starts and
-    // starts a new one when it ends; the guest waits for the second enable,
-    // then runs a small workload under milk again.
-    let script = format!(
-        "{WAIT_ENABLED}W;e=$(cat /sys/kernel/milk/enables);milk-mon -i 10 & \
-         milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
-         i=0;while [ $(cat /sys/kernel/milk/enables) -le $e ]&&[ $i -lt 400 ];\
-         do usleep 50000;i=$((i+1));done;\
-         echo SCX2 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
-         milk-work -t 8 -r 5 -w 5000 -s 1000||r=$?;usleep 300000;{PRINT_COUNTERS}exit $r"
-    );
-    let cfg = config(&script);
-    let mut paused_at: Option<Instant> = None;
-    let mut disabled_seen: Option<Duration> = None;
+/// Runs `script` (a 64-thread `milk-work`, then an 8-thread one), stops the
+/// host runtime with `stop` when the first workload starts and starts a new
+/// runtime when it ends. Checks both workloads completed correctly and
+/// returns the run and how long after the stop (host clock) the guest's
+/// `milk-mon` first reported sched_ext disabled.
+fn stop_and_restart(
+    script: &str,
+    stop: fn(&GuestControl) -> Result<bool, SessionError>,
+) -> (MilkRun, Option<Duration>) {
+    let cfg = config(script);
+    let mut stopped_at: Option<Instant> = None;
+    let mut disabled_after: Option<Duration> = None;
     let mut resumed = false;
     let mut errors = Vec::new();
     let run = run(&cfg, &mut |l, ctl| {
-        if l.starts_with("milk-work: start") && paused_at.is_none() {
+        if l.starts_with("milk-work: start") && stopped_at.is_none() {
             let t = Instant::now();
-            match ctl.pause() {
-                Ok(true) => paused_at = Some(t),
-                other => errors.push(format!("pause: {other:?}")),
+            match stop(ctl) {
+                Ok(true) => stopped_at = Some(t),
+                other => errors.push(format!("stopping the runtime: {other:?}")),
             }
         } else if l.starts_with("milk-mon: ") && l.contains(" scx=disabled") {
-            if let (Some(t), None) = (paused_at, disabled_seen) {
-                disabled_seen = Some(t.elapsed());
+            if let (Some(t), None) = (stopped_at, disabled_after) {
+                disabled_after = Some(t.elapsed());
             }
         } else if l.starts_with("milk-work: threads=") && !resumed {
             resumed = true;
@@ -323,6 +318,24 @@ fn host_stop_mid_workload_falls_back_within_1s_and_restart_reenables() {
     assert_eq!(w.len(), 2, "{w:?}");
     assert_eq!((num(&w[0], "ok"), num(&w[0], "bad")), (64, 0));
     assert_eq!((num(&w[1], "ok"), num(&w[1], "bad")), (8, 0));
+    (run, disabled_after)
+}
+
+#[test]
+fn host_stop_mid_workload_falls_back_within_1s_and_restart_reenables() {
+    // milk-mon samples the state every 10 ms and prints changes with
+    // timestamps; the host stops its runtime when the workload starts and
+    // starts a new one when it ends; the guest waits for the second enable,
+    // then runs a small workload under milk again.
+    let script = format!(
+        "{WAIT_ENABLED}W;e=$(cat /sys/kernel/milk/enables);milk-mon -i 10 & \
+         milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
+         i=0;while [ $(cat /sys/kernel/milk/enables) -le $e ]&&[ $i -lt 400 ];\
+         do usleep 50000;i=$((i+1));done;\
+         echo SCX2 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
+         milk-work -t 8 -r 5 -w 5000 -s 1000||r=$?;usleep 300000;{PRINT_COUNTERS}exit $r"
+    );
+    let (run, disabled_seen) = stop_and_restart(&script, GuestControl::pause);
 
     // Guest-side timeline from milk-mon.
     let mon = mon_lines(&run);
@@ -400,35 +413,7 @@ fn silent_host_is_detected_and_the_guest_falls_back() {
          echo SCX2 $(cat /sys/kernel/sched_ext/state) $(cat /sys/kernel/sched_ext/root/ops);\
          milk-work -t 8 -r 5 -w 5000 -s 1000||r=$?;{PRINT_COUNTERS}exit $r"
     );
-    let cfg = config(&script);
-    let mut stopped_at: Option<Instant> = None;
-    let mut disabled_after: Option<Duration> = None;
-    let mut resumed = false;
-    let mut errors = Vec::new();
-    let run = run(&cfg, &mut |l, ctl| {
-        if l.starts_with("milk-work: start") && stopped_at.is_none() {
-            let t = Instant::now();
-            match ctl.pause_silently() {
-                Ok(true) => stopped_at = Some(t),
-                other => errors.push(format!("silent stop: {other:?}")),
-            }
-        } else if l.starts_with("milk-mon: ") && l.contains(" scx=disabled") {
-            if let (Some(t), None) = (stopped_at, disabled_after) {
-                disabled_after = Some(t.elapsed());
-            }
-        } else if l.starts_with("milk-work: threads=") && !resumed {
-            resumed = true;
-            if !matches!(ctl.resume(), Ok(true)) {
-                errors.push("resume did not start a runtime".into());
-            }
-        }
-    });
-    assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!(run.status(), Some(0), "a workload failed");
-    let w = work_results(&run);
-    assert_eq!(w.len(), 2, "{w:?}");
-    assert_eq!((num(&w[0], "ok"), num(&w[0], "bad")), (64, 0));
-    assert_eq!((num(&w[1], "ok"), num(&w[1], "bad")), (8, 0));
+    let (run, disabled_after) = stop_and_restart(&script, GuestControl::pause_silently);
 
     // Host clock: from the moment the runtime went silent to the guest's
     // console saying sched_ext is disabled (includes the console's delay).
