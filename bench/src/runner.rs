@@ -269,7 +269,9 @@ pub fn run_once(ch: &dyn Channel, cfg: &RunConfig) -> Result<RunResult, ChanErro
             let _ = done_tx.send(Done::Tx(r));
         })
         .map_err(|e| ChanError::io("spawn sender", e))?;
-    let budget = cfg.timeout
+    // Well past the sender's own per-message timeout, so a lost message is
+    // reported by the side that noticed it, not by this watchdog.
+    let budget = cfg.timeout * 2
         + Duration::from_millis(cfg.tput_ms)
         + Duration::from_micros(cfg.lat_msgs + cfg.warmup) * 200;
     let (mut s, mut r) = (None, None);
