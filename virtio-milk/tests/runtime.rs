@@ -9,10 +9,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
-use virtio_milk::policy::{CpuState, Decision, Policy, PolicyEvent, SchedView, TaskState};
+use virtio_milk::policy::{
+    CpuState, Decision, DecisionKind, Dispatcher, Gtid, Outcome, Policy, PolicyEvent, SchedView,
+    TaskState,
+};
 use virtio_milk::protocol::{
-    pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
-    TaskEventKind, RECORD_SIZE,
+    pack_name, parse_record, AckInfo, AckStatus, AffinityInfo, CpuEventKind, DecisionInfo,
+    Direction, EventInfo, Message, PriorityInfo, SessionInfo, TaskEventKind, TaskNewInfo,
+    RECORD_SIZE,
 };
 use virtio_milk::queue::{EngineConfig, QueueEngine};
 use virtio_milk::runtime::{Runtime, RuntimeConfig};
@@ -58,28 +62,28 @@ impl Policy for TestPolicy {
     fn on_event(&mut self, ev: &PolicyEvent, _view: &SchedView) {
         self.seen.lock().unwrap().push(*ev);
     }
-    fn schedule(&mut self, view: &SchedView, out: &mut Vec<Decision>) {
-        out.append(&mut self.bogus);
+    fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+        for b in std::mem::take(&mut self.bogus) {
+            let _ = d.submit(b);
+        }
+        let view = d.view();
         let mut runnable: Vec<_> = view
             .tasks
             .values()
             .filter(|t| t.state == TaskState::Runnable)
-            .map(|t| t.pid)
+            .map(|t| t.gtid)
             .collect();
         runnable.sort_unstable();
-        for cpu in view.free_cpus() {
+        let free: Vec<u16> = view.free_cpus().collect();
+        for cpu in free {
             let Some(i) = runnable
                 .iter()
-                .position(|&pid| view.task(pid).is_some_and(|t| t.allows(cpu)))
+                .position(|&g| d.view().task(g).is_some_and(|t| t.allows(cpu)))
             else {
                 continue;
             };
-            let pid = runnable.remove(i);
-            out.push(Decision::Run {
-                pid,
-                cpu,
-                slice_ns: 0,
-            });
+            let gtid = runnable.remove(i);
+            d.run(gtid, cpu, 0).expect("runtime accepts a valid RUN");
         }
     }
 }
@@ -154,6 +158,19 @@ impl Guest {
 }
 
 fn setup(policy: Box<dyn Policy>) -> (Guest, Runtime<GuestMemoryMmap>) {
+    setup_with(
+        policy,
+        RuntimeConfig {
+            heartbeat: None,
+            // Step-driven tests must not see commitments expire on a loaded machine.
+            ack_timeout: Duration::from_secs(3600),
+            ack_grace: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+}
+
+fn setup_with(policy: Box<dyn Policy>, rcfg: RuntimeConfig) -> (Guest, Runtime<GuestMemoryMmap>) {
     let lm = LoopbackMemory::new(CPUS, 8, 256).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut cfg = EngineConfig::new(u32::from(CPUS));
@@ -170,53 +187,73 @@ fn setup(policy: Box<dyn Policy>) -> (Guest, Runtime<GuestMemoryMmap>) {
     let dq = lm.driver_queues(true);
     let mut g = Guest { lm, dq, kick };
     g.post_decision_buffers();
-    let rt = Runtime::new(
-        engine,
-        policy,
-        RuntimeConfig {
-            heartbeat: None,
-            ..Default::default()
-        },
-    );
+    let rt = Runtime::new(engine, policy, rcfg);
     (g, rt)
 }
 
-fn task_new(pid: u32, seq: u64, mask: u64) -> Message {
-    Message::TaskNew {
+/// The gtid of test task `pid` (generation 1).
+fn gt(pid: u32) -> Gtid {
+    Gtid::new(pid, 1)
+}
+
+fn task_new_gtid(gtid: Gtid, seq: u64, mask: u64) -> Message {
+    Message::TaskNew(TaskNewInfo {
         cpu: 0,
-        pid,
-        tgid: pid,
+        gtid,
         seq,
         ts_ns: 0,
         comm: pack_name("t"),
         cpus_allowed: mask,
+        tgid: gtid.pid(),
         weight: 100,
         nice: 0,
-    }
+    })
+}
+
+fn task_new(pid: u32, seq: u64, mask: u64) -> Message {
+    task_new_gtid(gt(pid), seq, mask)
+}
+
+fn ev_gtid(kind: TaskEventKind, cpu: u16, gtid: Gtid, seq: u64) -> Message {
+    Message::Task(
+        kind,
+        EventInfo {
+            cpu,
+            gtid,
+            seq,
+            src_cpu: cpu,
+            ..Default::default()
+        },
+    )
 }
 
 fn ev(kind: TaskEventKind, cpu: u16, pid: u32, seq: u64) -> Message {
-    Message::Task {
+    ev_gtid(kind, cpu, gt(pid), seq)
+}
+
+fn cpu_ev(kind: CpuEventKind, cpu: u16, gtid: Gtid) -> Message {
+    Message::Cpu(
         kind,
-        cpu,
-        pid,
-        arg: 0,
-        seq,
-        ts_ns: 0,
-    }
+        EventInfo {
+            cpu,
+            gtid,
+            src_cpu: cpu,
+            ..Default::default()
+        },
+    )
 }
 
 fn ack(d: &DecisionInfo, status: AckStatus) -> Message {
-    Message::Ack {
+    Message::Ack(AckInfo {
         cpu: d.cpu,
-        pid: d.pid,
+        gtid: d.gtid,
         status,
         seq: d.seq,
         ts_ns: 0,
         cookie: d.cookie,
         decision_type: virtio_milk::protocol::msg::RUN,
         target_cpu: d.cpu,
-    }
+    })
 }
 
 fn runs(msgs: &[Message]) -> Vec<DecisionInfo> {
@@ -245,15 +282,15 @@ fn seq_tracking_drops_stale_and_unknown_events() {
     rt.step();
     assert_eq!(rt.metrics().stale_events, 1);
     assert_eq!(rt.metrics().unknown_task_events, 1);
-    let t = rt.view().task(10).unwrap();
+    let t = rt.view().task(gt(10)).unwrap();
     assert_eq!(t.seq, 3);
     assert_eq!(t.state, TaskState::Dispatched(0));
     let got = g.recv(0);
     let r = runs(&got);
     assert_eq!(r.len(), 1);
     assert_eq!(
-        (r[0].pid, r[0].cpu, r[0].seq),
-        (10, 0, 3),
+        (r[0].gtid, r[0].cpu, r[0].seq),
+        (gt(10), 0, 3),
         "RUN carries latest seq"
     );
     assert!(matches!(got[0], Message::Hello(_)));
@@ -278,23 +315,26 @@ fn acks_drive_task_and_cpu_state() {
     all.extend(g.recv(1));
     let r = runs(&all);
     assert_eq!(r.len(), 2);
-    let d1 = r.iter().find(|d| d.pid == 1).unwrap();
-    let d2 = r.iter().find(|d| d.pid == 2).unwrap();
+    let d1 = r.iter().find(|d| d.gtid == gt(1)).unwrap();
+    let d2 = r.iter().find(|d| d.gtid == gt(2)).unwrap();
     // An ack whose cookie is not the CPU's in-flight RUN changes nothing.
     let mut wrong = *d1;
     wrong.cookie += 100;
     g.send(0, &[ack(&wrong, AckStatus::Ok)]);
     rt.step();
     assert_eq!(rt.metrics().unmatched_acks, 1);
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Committed(1));
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Committed(gt(1)));
     // Task 1: OK -> Running. Task 2: STALE -> requeued and dispatched again.
     g.send(0, &[ack(d1, AckStatus::Ok), ack(d2, AckStatus::Stale)]);
     rt.step();
-    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Running(d1.cpu));
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Running(1));
+    assert_eq!(
+        rt.view().task(gt(1)).unwrap().state,
+        TaskState::Running(d1.cpu)
+    );
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Running(gt(1)));
     let again = runs(&g.recv(d2.cpu));
     assert_eq!(again.len(), 1, "stale RUN is retried");
-    assert_eq!(again[0].pid, 2);
+    assert_eq!(again[0].gtid, gt(2));
     // NO_TASK removes the task; BLOCKED frees task 1's CPU.
     g.send(
         0,
@@ -304,9 +344,9 @@ fn acks_drive_task_and_cpu_state() {
         ],
     );
     rt.step();
-    assert!(rt.view().task(2).is_none());
-    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Blocked);
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Idle);
+    assert!(rt.view().task(gt(2)).is_none());
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Blocked);
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Idle);
     let m = rt.metrics();
     assert_eq!(
         m.acks[AckStatus::Ok as usize],
@@ -318,8 +358,11 @@ fn acks_drive_task_and_cpu_state() {
     assert_eq!(m.decisions_run, 3);
     assert_eq!(m.latency.count(), 3);
     let seen = seen.lock().unwrap();
-    assert!(seen.contains(&PolicyEvent::TaskDead(2)));
-    assert!(seen.contains(&PolicyEvent::TaskBlocked(1)));
+    assert!(seen.contains(&PolicyEvent::TaskDead(gt(2))));
+    assert!(seen.contains(&PolicyEvent::TaskBlocked {
+        gtid: gt(1),
+        runtime_ns: 0
+    }));
 }
 
 #[test]
@@ -327,19 +370,22 @@ fn runtime_refuses_bad_policy_decisions() {
     let (mut p, _) = TestPolicy::new("t");
     p.bogus = vec![
         Decision::Run {
-            pid: 77,
+            gtid: gt(77),
             cpu: 0,
             slice_ns: 0,
+            preempt: false,
         }, // unknown task
         Decision::Run {
-            pid: 5,
+            gtid: gt(5),
             cpu: 1,
             slice_ns: 0,
+            preempt: false,
         }, // not allowed on CPU 1
         Decision::Run {
-            pid: 5,
+            gtid: gt(5),
             cpu: 9,
             slice_ns: 0,
+            preempt: false,
         }, // no such CPU
     ];
     let (mut g, mut rt) = setup(Box::new(p));
@@ -393,7 +439,7 @@ fn guest_session_messages() {
     guest_hello(&mut g, 0);
     rt.step();
     assert_eq!(rt.session_id(), s1);
-    assert!(rt.view().task(3).is_some());
+    assert!(rt.view().task(gt(3)).is_some());
     assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
     assert!(!rt.session_established());
     // The guest echoes our session: established.
@@ -407,7 +453,7 @@ fn guest_session_messages() {
     let s2 = rt.session_id();
     assert_ne!(s1, s2);
     assert!(
-        rt.view().task(3).is_none(),
+        rt.view().task(gt(3)).is_none(),
         "a new session forgets the tasks"
     );
     assert_eq!(
@@ -441,10 +487,10 @@ fn guest_session_messages() {
     // GOODBYE from the guest: tasks are forgotten, a new HELLO (no GOODBYE) is offered.
     g.send(0, &[task_new(4, 1, 1)]);
     rt.step();
-    assert!(rt.view().task(4).is_some());
+    assert!(rt.view().task(gt(4)).is_some());
     g.send(0, &[Message::Goodbye(SessionInfo::default())]);
     rt.step();
-    assert!(rt.view().task(4).is_none());
+    assert!(rt.view().task(gt(4)).is_none());
     let s4 = rt.session_id();
     assert!(s4 > s3);
     assert_eq!(session_records(&mut g), vec![("HELLO", s4)]);
@@ -559,29 +605,22 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
     let (mut g, mut rt) = setup(Box::new(p));
     rt.start_session();
     // CPU 1 is busy with something the host does not schedule.
-    g.send(
-        1,
-        &[Message::CpuBusy {
-            cpu: 1,
-            pid: 0,
-            ts_ns: 0,
-        }],
-    );
+    g.send(1, &[cpu_ev(CpuEventKind::Busy, 1, Gtid(0))]);
     g.send(
         0,
         &[task_new(1, 1, 0b11), ev(TaskEventKind::Wakeup, 0, 1, 2)],
     );
     rt.step();
-    assert_eq!(rt.view().cpus[1], CpuState::Running(0));
+    assert_eq!(rt.view().cpu_state(1), CpuState::Running(Gtid(0)));
     let r = runs(&g.recv(0));
     assert_eq!((r.len(), r[0].cpu), (1, 0), "only CPU 0 is free");
     // CPU_IDLE on a committed CPU does not free it; the ack decides.
-    g.send(0, &[Message::CpuIdle { cpu: 0, ts_ns: 0 }]);
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
     rt.step();
-    assert_eq!(rt.view().cpus[0], CpuState::Committed(1));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
     g.send(0, &[ack(&r[0], AckStatus::Ok)]);
     rt.step();
-    assert_eq!(rt.view().cpus[0], CpuState::Running(1));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
     // Preempted: runnable again, CPU 0 freed, dispatched again.
     g.send(0, &[ev(TaskEventKind::Preempt, 0, 1, 3)]);
     rt.step();
@@ -601,29 +640,33 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
     g.send(
         0,
         &[
-            Message::TaskAffinity {
+            Message::TaskAffinity(AffinityInfo {
                 cpu: 0,
-                pid: 1,
+                gtid: gt(1),
                 seq: 5,
                 ts_ns: 0,
                 cpus_allowed: 0b10,
-            },
-            Message::TaskPriority {
+            }),
+            Message::TaskPriority(PriorityInfo {
                 cpu: 0,
-                pid: 1,
+                gtid: gt(1),
                 seq: 6,
                 ts_ns: 0,
                 weight: 250,
                 nice: -3,
-            },
+            }),
             ev(TaskEventKind::Blocked, 0, 1, 7),
         ],
     );
-    g.send(1, &[Message::CpuIdle { cpu: 1, ts_ns: 0 }]);
+    g.send(1, &[cpu_ev(CpuEventKind::Idle, 1, Gtid(0))]);
     rt.step();
-    let t = rt.view().task(1).unwrap();
+    let t = rt.view().task(gt(1)).unwrap();
     assert_eq!((t.cpus_allowed, t.weight, t.nice), (0b10, 250, -3));
-    assert_eq!(rt.view().cpus[0], CpuState::Idle, "blocking freed CPU 0");
+    assert_eq!(
+        rt.view().cpu_state(0),
+        CpuState::Idle,
+        "blocking freed CPU 0"
+    );
     g.send(0, &[ev(TaskEventKind::Wakeup, 0, 1, 8)]);
     rt.step();
     assert!(runs(&g.recv(0)).is_empty(), "CPU 0 is no longer allowed");
@@ -638,15 +681,15 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
         ],
     );
     rt.step();
-    assert!(rt.view().task(1).is_none());
-    assert_eq!(rt.view().cpus[1], CpuState::Idle);
+    assert!(rt.view().task(gt(1)).is_none());
+    assert_eq!(rt.view().cpu_state(1), CpuState::Idle);
     assert_eq!(rt.metrics().stale_events, 0);
     let seen = seen.lock().unwrap();
     for want in [
-        PolicyEvent::TaskAffinity(1),
-        PolicyEvent::TaskPriority(1),
+        PolicyEvent::TaskAffinity(gt(1)),
+        PolicyEvent::TaskPriority(gt(1)),
         PolicyEvent::CpuBusy(1),
-        PolicyEvent::TaskDead(1),
+        PolicyEvent::TaskDead(gt(1)),
     ] {
         assert!(seen.contains(&want), "policy never saw {want:?}");
     }
@@ -717,7 +760,7 @@ fn device_pause_and_resume_mid_workload() {
     }) else {
         unreachable!()
     };
-    assert_eq!((d.pid, d.seq), (1, 5));
+    assert_eq!((d.gtid, d.seq), (gt(1), 5));
     let s = dev.reset().unwrap().unwrap();
     assert_eq!(s.metrics.decisions_run, 1, "no RUN for task 9: {s}");
     assert_eq!(
@@ -754,9 +797,9 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     // Nothing the runtime would send: an unknown pid, a stale seq, a CPU outside the
     // task's mask (CPU 1 while pid 5 may only use CPU 0).
     h.inject_decisions(&[
-        RawDecision::run(4242, 0, 1),
-        RawDecision::run(5, 0, 1),
-        RawDecision::run(5, 1, 2),
+        RawDecision::run(gt(4242), 0, 1),
+        RawDecision::run_pid(5, 0, 1),
+        RawDecision::run(gt(5), 1, 2),
     ]);
     let mut inj = Vec::new();
     while inj.len() < 3 {
@@ -770,8 +813,9 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     }
     inj.sort_by_key(|d| d.cookie);
     assert!(inj.iter().all(|d| d.cookie & INJECTED_COOKIE != 0));
-    let fields: Vec<_> = inj.iter().map(|d| (d.pid, d.cpu, d.seq)).collect();
-    assert_eq!(fields, [(4242, 0, 1), (5, 0, 1), (5, 1, 2)]);
+    let fields: Vec<_> = inj.iter().map(|d| (d.gtid, d.cpu, d.seq)).collect();
+    // run_pid resolved pid 5 to the task's gtid.
+    assert_eq!(fields, [(gt(4242), 0, 1), (gt(5), 0, 1), (gt(5), 1, 2)]);
     // The guest rejects them; it applies the real one.
     g.send(
         0,
@@ -793,25 +837,27 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     };
     let m = &s.metrics;
     assert_eq!(m.injected, 3);
-    assert_eq!(m.injected_acks, [0, 1, 1, 1, 0]);
-    assert_eq!(m.acks, [1, 1, 1, 1, 0]);
+    assert_eq!(m.injected_acks, [0, 1, 1, 1, 0, 0]);
+    assert_eq!(m.acks, [1, 1, 1, 1, 0, 0]);
     assert_eq!(m.unmatched_acks, 0, "injected acks are not policy acks");
     assert_eq!(m.apply_latency.count(), 1, "the real RUN's ack is timed");
     assert!(s.to_string().contains("injected decisions: 3"), "{s}");
-    // The policy saw only its own decision's ack.
+    // The policy saw only its own decision's outcome.
     let acks: Vec<_> = seen
         .lock()
         .unwrap()
         .iter()
-        .filter(|e| matches!(e, PolicyEvent::Ack { .. }))
+        .filter(|e| matches!(e, PolicyEvent::Outcome { .. }))
         .copied()
         .collect();
     assert_eq!(
         acks,
-        [PolicyEvent::Ack {
-            pid: 5,
+        [PolicyEvent::Outcome {
+            id: virtio_milk::policy::DecisionId(real[0].cookie),
+            kind: DecisionKind::Run,
+            gtid: gt(5),
             cpu: 0,
-            status: AckStatus::Ok
+            outcome: Outcome::Acked(AckStatus::Ok),
         }]
     );
     // A silent stop sends no GOODBYE.
