@@ -97,6 +97,12 @@ struct Guest {
 impl Guest {
     /// Post one event buffer with `msgs` on `cpu`'s event queue (kicking if asked).
     fn send(&mut self, cpu: u16, msgs: &[Message]) {
+        let raw: Vec<[u8; RECORD_SIZE]> = msgs.iter().map(Message::encode).collect();
+        self.send_raw(cpu, &raw);
+    }
+
+    /// Post one event buffer holding these raw records.
+    fn send_raw(&mut self, cpu: u16, msgs: &[[u8; RECORD_SIZE]]) {
         let q = usize::from(cpu) * 2;
         while self.dq[q].pop_used(&self.lm.mem).is_some() {}
         let d = self.dq[q].next_free_desc().expect("free event descriptor");
@@ -104,7 +110,7 @@ impl Guest {
         for (i, m) in msgs.iter().enumerate() {
             self.lm
                 .mem
-                .write_slice(&m.encode(), GuestAddress(addr + (i * RECORD_SIZE) as u64))
+                .write_slice(m, GuestAddress(addr + (i * RECORD_SIZE) as u64))
                 .unwrap();
         }
         let len = (msgs.len() * RECORD_SIZE) as u32;
@@ -868,4 +874,460 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
         "{after:?}"
     );
     assert_eq!(rt.summary().metrics.injected, 3);
+}
+
+#[test]
+fn v1_guest_is_refused_with_goodbye_version_until_a_v2_hello() {
+    use virtio_milk::protocol::BYE_VERSION;
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let s1 = rt.session_id();
+    assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
+    // A v1 guest: same header layout, version byte 1 (its HELLO and a task event).
+    let mut hello = Message::Hello(SessionInfo::default()).encode();
+    hello[4] = 1;
+    let mut wake = ev(TaskEventKind::Wakeup, 0, 1, 2).encode();
+    wake[4] = 1;
+    g.send_raw(0, &[hello, wake]);
+    rt.step();
+    assert_eq!(rt.refused_version(), Some(1));
+    assert_eq!(rt.metrics().version_refusals, 1);
+    assert!(!rt.session_established());
+    let got = g.recv(0);
+    let byes: Vec<_> = got
+        .iter()
+        .filter_map(|m| match m {
+            Message::Goodbye(s) => Some(s.counter),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(byes, vec![BYE_VERSION], "one GOODBYE(BYE_VERSION)");
+    // More v1 records: no second refusal, nothing reaches the policy or the guest.
+    g.send_raw(0, &[hello]);
+    g.send(0, &[task_new(1, 1, 1), ev(TaskEventKind::Wakeup, 0, 1, 2)]);
+    rt.step();
+    assert_eq!(rt.metrics().version_refusals, 1);
+    assert!(g.recv(0).is_empty() && g.recv(1).is_empty());
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "policy saw a refused guest"
+    );
+    // The guest's driver is replaced by a v2 one: its HELLO starts a new session.
+    guest_hello(&mut g, 0);
+    rt.step();
+    assert_eq!(rt.refused_version(), None);
+    let s2 = rt.session_id();
+    assert!(s2 > s1);
+    assert_eq!(session_records(&mut g), vec![("HELLO", s2)]);
+}
+
+#[test]
+fn reused_pid_with_a_new_generation_is_another_task() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let old = Gtid::new(77, 1);
+    let new = Gtid::new(77, 2);
+    // The old task ran for a while (seq 9); the pid is reused by a new task (seq 1).
+    g.send(
+        0,
+        &[
+            task_new_gtid(old, 1, 1),
+            ev_gtid(TaskEventKind::Blocked, 0, old, 9),
+            task_new_gtid(new, 1, 1),
+        ],
+    );
+    rt.step();
+    assert!(rt.view().task(new).is_some(), "TASK_NEW seq 1 is not stale");
+    assert!(
+        rt.view().task(old).is_none(),
+        "the old generation is evicted"
+    );
+    assert_eq!(rt.metrics().pid_reuse, 1);
+    assert_eq!(rt.metrics().stale_events, 0);
+    // The old task's late TASK_DEAD does not delete the new one.
+    g.send(0, &[ev_gtid(TaskEventKind::Dead, 0, old, 10)]);
+    rt.step();
+    assert!(rt.view().task(new).is_some());
+    assert_eq!(rt.metrics().unknown_task_events, 1);
+    // DEPARTED removes a task without a death.
+    g.send(0, &[ev_gtid(TaskEventKind::Departed, 0, new, 2)]);
+    rt.step();
+    assert!(rt.view().task(new).is_none());
+    assert_eq!(rt.metrics().departed, 1);
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&PolicyEvent::TaskDead(old)));
+    assert!(seen.contains(&PolicyEvent::TaskDeparted(new)));
+    assert!(!seen.contains(&PolicyEvent::TaskDead(new)));
+}
+
+#[test]
+fn a_lost_ack_does_not_commit_a_cpu_forever() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup_with(
+        Box::new(p),
+        RuntimeConfig {
+            heartbeat: None,
+            ack_timeout: Duration::from_millis(50),
+            ack_grace: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!(r.len(), 1);
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
+    // The ack never comes. After ack_timeout the CPU is free and the task runnable again,
+    // so the policy sends it again (same seq: nothing newer happened).
+    std::thread::sleep(Duration::from_millis(60));
+    rt.step();
+    assert_eq!(rt.metrics().commit_timeouts, 1);
+    let again = runs(&g.recv(0));
+    assert_eq!(again.len(), 1, "task dispatched again after the timeout");
+    assert_eq!(again[0].seq, 2);
+    assert_ne!(again[0].cookie, r[0].cookie);
+    assert!(seen.lock().unwrap().iter().any(|e| matches!(
+        e,
+        PolicyEvent::Outcome {
+            outcome: Outcome::Lost,
+            ..
+        }
+    )));
+    // The first RUN's late OK ack is counted, not matched.
+    g.send(0, &[ack(&r[0], AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.metrics().unmatched_acks, 1);
+    assert_eq!(rt.metrics().late_ok_acks, 1);
+    assert_eq!(
+        rt.outstanding(),
+        1,
+        "the second RUN still waits for its ack"
+    );
+}
+
+#[test]
+fn cpu_events_resolve_old_commitments() {
+    let (p, _) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup_with(
+        Box::new(p),
+        RuntimeConfig {
+            heartbeat: None,
+            ack_timeout: Duration::from_secs(3600),
+            ack_grace: Duration::from_millis(20),
+            ..Default::default()
+        },
+    );
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!(r.len(), 1);
+    // A CPU_IDLE right away does not resolve the fresh commitment...
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
+    // ...one after ack_grace does: the guest went idle without running it.
+    std::thread::sleep(Duration::from_millis(30));
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
+    rt.step();
+    assert_eq!(rt.metrics().commits_resolved_by_cpu_event, 1);
+    assert_eq!(rt.outstanding(), 1, "the task was sent again");
+    assert_eq!(runs(&g.recv(0)).len(), 1);
+}
+
+#[test]
+fn fallback_running_and_dropped_acks_track_the_guest() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    // The kernel dropped the dispatch: not running, not runnable until its next event.
+    g.send(0, &[ack(&r[0], AckStatus::Dropped)]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Blocked);
+    assert_eq!(rt.view().cpu_state(0), CpuState::Idle);
+    assert!(runs(&g.recv(0)).is_empty());
+    // Its new event brings a new RUN, but the guest ran it itself first (fallback, seq
+    // bumped).
+    g.send(0, &[ev(TaskEventKind::Wakeup, 0, 1, 3)]);
+    rt.step();
+    g.send(0, &[ev(TaskEventKind::Fallback, 0, 1, 4)]);
+    rt.step();
+    let t = rt.view().task(gt(1)).unwrap();
+    assert_eq!((t.state, t.seq), (TaskState::Running(0), 4));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.metrics().fallbacks_reported, 1);
+    // The RUN the wakeup caused comes back STALE: the task keeps running.
+    let r2 = runs(&g.recv(0));
+    assert_eq!(r2.len(), 1);
+    g.send(0, &[ack(&r2[0], AckStatus::Stale)]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Running(0));
+    assert!(seen.lock().unwrap().contains(&PolicyEvent::TaskRunning {
+        gtid: gt(1),
+        cpu: 0,
+        fallback: true
+    }));
+}
+
+/// Sends what it is told to, once, through the dispatcher; records what came back.
+struct Scripted {
+    script: Arc<Mutex<Vec<Decision>>>,
+    results: Arc<Mutex<Vec<Result<virtio_milk::policy::DecisionId, virtio_milk::policy::Reject>>>>,
+    seen: Arc<Mutex<Vec<PolicyEvent>>>,
+}
+
+impl Policy for Scripted {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+    fn attach(&mut self, _: &SchedView) {}
+    fn on_event(&mut self, ev: &PolicyEvent, _: &SchedView) {
+        self.seen.lock().unwrap().push(*ev);
+    }
+    fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+        for dec in std::mem::take(&mut *self.script.lock().unwrap()) {
+            let r = d.submit(dec);
+            self.results.lock().unwrap().push(r);
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn scripted() -> (
+    Scripted,
+    Arc<Mutex<Vec<Decision>>>,
+    Arc<Mutex<Vec<Result<virtio_milk::policy::DecisionId, virtio_milk::policy::Reject>>>>,
+) {
+    let script = Arc::new(Mutex::new(Vec::new()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    (
+        Scripted {
+            script: script.clone(),
+            results: results.clone(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        },
+        script,
+        results,
+    )
+}
+
+#[test]
+fn staged_and_preempting_runs() {
+    use virtio_milk::policy::Reject;
+    use virtio_milk::protocol::RUN_F_PREEMPT;
+    let (p, script, results) = scripted();
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.recv(0);
+    // Task 1 runs on CPU 0; tasks 2, 3, 4 are runnable.
+    g.send(
+        0,
+        &[
+            task_new(1, 1, 0b01),
+            task_new(2, 1, 0b01),
+            task_new(3, 1, 0b01),
+            task_new(4, 1, 0b01),
+        ],
+    );
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Running, 0, 1, 2),
+            ev(TaskEventKind::Wakeup, 0, 2, 2),
+            ev(TaskEventKind::Wakeup, 0, 3, 2),
+            ev(TaskEventKind::Wakeup, 0, 4, 2),
+        ],
+    );
+    let run = |gtid, preempt| Decision::Run {
+        gtid,
+        cpu: 0,
+        slice_ns: 1_000_000,
+        preempt,
+    };
+    // Two RUNs staged behind the running task (max_staged 2), a third is refused.
+    *script.lock().unwrap() = vec![run(gt(2), false), run(gt(3), false), run(gt(4), false)];
+    rt.step();
+    {
+        let r = results.lock().unwrap();
+        assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+        assert_eq!(r[2], Err(Reject::CpuBusy));
+    }
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.view().pending_runs(0), 2);
+    assert_eq!(rt.metrics().decisions_staged, 2);
+    let staged = runs(&g.recv(0));
+    assert_eq!(staged.len(), 2);
+    assert!(staged
+        .iter()
+        .all(|d| d.flags == 0 && d.slice_ns == 1_000_000));
+    // Task 1 blocks; the guest dispatches the first staged RUN with no round trip.
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Blocked, 0, 1, 3),
+            ack(&staged[0], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(2)));
+    assert_eq!(rt.view().pending_runs(0), 1);
+    // Task 2 blocks too and task 3 (the second staged RUN) starts. A preempting RUN of
+    // task 4 carries F_PREEMPT; task 3 comes back preempted.
+    *script.lock().unwrap() = vec![run(gt(4), true)];
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Blocked, 0, 2, 3),
+            ack(&staged[1], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    let pre = runs(&g.recv(0));
+    assert_eq!(pre.len(), 1);
+    assert_eq!((pre[0].gtid, pre[0].flags), (gt(4), RUN_F_PREEMPT));
+    assert_eq!(rt.metrics().decisions_run_preempt, 1);
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Preempt, 0, 3, 3),
+            ack(&pre[0], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(4)));
+    assert_eq!(rt.view().task(gt(3)).unwrap().state, TaskState::Runnable);
+    assert_eq!(rt.outstanding(), 0);
+}
+
+#[test]
+fn late_decisions_of_a_swapped_out_policy_are_stale() {
+    use virtio_milk::policy::Reject;
+    let (p, _, _) = scripted();
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let old_epoch = rt.policy_epoch();
+    let run = Decision::Run {
+        gtid: gt(1),
+        cpu: 0,
+        slice_ns: 0,
+        preempt: false,
+    };
+    // Before the swap an external decision of the current policy goes through.
+    let id = rt.submit_external(old_epoch, run).expect("current epoch");
+    let sent = runs(&g.recv(0));
+    assert_eq!(sent[0].cookie, id.0);
+    let (p2, _) = TestPolicy::new("second");
+    let seen2 = p2.seen.clone();
+    rt.swap_policy(Box::new(p2));
+    assert_ne!(rt.policy_epoch(), old_epoch);
+    // A late decision of the old policy is refused; the ack of its earlier decision
+    // updates the tables but is not shown to the new policy as its own outcome.
+    assert_eq!(rt.submit_external(old_epoch, run), Err(Reject::StalePolicy));
+    assert_eq!(rt.metrics().stale_policy_decisions, 1);
+    g.send(0, &[ack(&sent[0], AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.metrics().stale_policy_outcomes, 1);
+    assert!(!seen2
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, PolicyEvent::Outcome { .. })));
+}
+
+#[test]
+fn hello_carries_subscriptions_and_ticks_reach_the_policy() {
+    use virtio_milk::policy::Subscriptions;
+    use virtio_milk::protocol::{HELLO_F_RUNNING, HELLO_F_TICK};
+    struct Ticker(Arc<Mutex<Vec<PolicyEvent>>>);
+    impl Policy for Ticker {
+        fn name(&self) -> &str {
+            "ticker"
+        }
+        fn subscriptions(&self) -> Subscriptions {
+            Subscriptions {
+                tick_us: 2000,
+                running: true,
+            }
+        }
+        fn attach(&mut self, _: &SchedView) {}
+        fn on_event(&mut self, ev: &PolicyEvent, _: &SchedView) {
+            self.0.lock().unwrap().push(*ev);
+        }
+        fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+            if d.view().task(gt(1)).is_some() && d.view().granted.tick_us > 0 {
+                // Be called back in 1 ms.
+                d.set_timer(d.now_ns() + 1_000_000, 7);
+            }
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut g, mut rt) = setup(Box::new(Ticker(seen.clone())));
+    rt.start_session();
+    let hello = g
+        .recv(0)
+        .into_iter()
+        .find_map(|m| match m {
+            Message::Hello(s) => Some(s),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(hello.flags, HELLO_F_TICK | HELLO_F_RUNNING);
+    assert_eq!(hello.tick_us, 2000);
+    // The guest grants ticks at 4 ms only, no TASK_RUNNING.
+    g.send(
+        0,
+        &[Message::Hello(SessionInfo {
+            session_id: hello.session_id,
+            flags: HELLO_F_TICK,
+            tick_us: 4000,
+            ..Default::default()
+        })],
+    );
+    rt.step();
+    assert_eq!(rt.view().granted.tick_us, 4000);
+    assert!(!rt.view().granted.running);
+    let mut tick = cpu_ev(CpuEventKind::Tick, 0, gt(1));
+    if let Message::Cpu(_, e) = &mut tick {
+        e.runtime_ns = 5_000_000;
+        e.slice_ns = 100;
+    }
+    g.send(0, &[task_new(1, 1, 1), tick]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().runtime_ns, 5_000_000);
+    assert_eq!(rt.metrics().ticks, 1);
+    // The timer set while scheduling fires after 1 ms.
+    std::thread::sleep(Duration::from_millis(2));
+    rt.step();
+    assert!(rt.metrics().timers_fired >= 1);
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&PolicyEvent::Tick {
+        cpu: 0,
+        gtid: gt(1),
+        runtime_ns: 5_000_000,
+        slice_ns: 100
+    }));
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, PolicyEvent::Timer { token: 7, .. })));
 }
