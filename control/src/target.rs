@@ -177,7 +177,8 @@ impl VmControl {
         v["state"] = json!(d.state().name());
         v["policy"] = json!(d.policy());
         v["cpus"] = json!(d.num_cpus());
-        v["runs"] = json!(d.summaries().len() + usize::from(d.snapshot().is_some()));
+        let running = d.state() == DeviceState::Running;
+        v["runs"] = json!(d.summaries().len() + usize::from(running));
         if let Some(s) = self.current() {
             v["session_id"] = json!(s.session_id);
             v["session_established"] = json!(s.session_established);
