@@ -87,7 +87,11 @@ fn test_image_is_reproducible_and_rt_tests_find_their_libraries_in_it() {
         let (needed, interp) = needs(&f);
         if let Some(i) = interp {
             let p = root.join(i.trim_start_matches('/'));
-            assert!(p.is_file(), "{}: interpreter {i} not in the image", f.display());
+            assert!(
+                p.is_file(),
+                "{}: interpreter {i} not in the image",
+                f.display()
+            );
         }
         for so in needed {
             let found = lib_dirs
