@@ -177,7 +177,11 @@ pub fn spread_bars(
         .y_labels(n)
         .y_label_formatter(&|v| match v {
             // Row 0 at the top.
-            SegmentValue::CenterOf(i) => names.get(n - 1 - *i).cloned().unwrap_or_default(),
+            SegmentValue::CenterOf(i) => (n - 1)
+                .checked_sub(*i)
+                .and_then(|k| names.get(k))
+                .cloned()
+                .unwrap_or_default(),
             _ => String::new(),
         })
         .y_label_style(("sans-serif", 13))

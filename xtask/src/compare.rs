@@ -1404,4 +1404,43 @@ mod tests {
             (10, 1, 0, 0)
         );
     }
+
+    #[test]
+    fn table_and_plots_come_from_the_summary() {
+        let wls = workloads(false);
+        let records = vec![
+            rec("cfs", 0, 1.0, false),
+            rec("milk:fifo", 0, 3.0, false),
+            rec("scx_test_fifo", 0, 1.5, true),
+        ];
+        let r = Results {
+            machine: machine(),
+            runs: 1,
+            quick: false,
+            workloads: BTreeMap::new(),
+            skipped_engines: BTreeMap::new(),
+            summary: summarize(&records, &wls),
+            records,
+        };
+        let t = render_table(&r, &wls);
+        assert!(t.contains("### qemu: hackbench"), "{t}");
+        assert!(
+            t.contains("| milk:fifo | 1/1 | 3.00 [3.00-3.00] | 3.00 [3.00-3.00] |"),
+            "{t}"
+        );
+        assert!(t.contains("| scx_test_fifo | 0/1 | - | - |"), "{t}");
+        assert!(
+            t.contains("- qemu hackbench scx_test_fifo round 1: boom"),
+            "{t}"
+        );
+        let dir = std::env::temp_dir().join(format!("milk-compare-test-{}", std::process::id()));
+        write_plots(&r, &wls, &dir).unwrap();
+        for f in ["compare-qemu-hackbench.svg", "compare-ratios-qemu.svg"] {
+            let svg = std::fs::read_to_string(dir.join(f)).unwrap();
+            assert!(svg.contains("milk:fifo"), "{f}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["summary"][1]["ratio_vs_cfs"]["time_s"]["median"], 3.0);
+    }
 }
