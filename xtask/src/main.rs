@@ -1,4 +1,7 @@
-//! `cargo xtask`: builds the guest, boots it, and runs the test suite.
+//! `cargo xtask`: builds the guest, boots it, runs the test suite and the
+//! scheduler comparison.
+
+mod compare;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -14,7 +17,8 @@ use milk_harness::GuestSpec;
     after_help = "Examples:\n  cargo xtask demo               build the guest, boot it, show kernel/CPUs/sched_ext\n  \
                   cargo xtask test               everything CI runs\n  \
                   cargo xtask boot -- milk-work  boot and run a command in the guest\n  \
-                  cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops"
+                  cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops\n  \
+                  cargo xtask compare --quick    smoke run of the scheduler comparison"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,6 +68,10 @@ enum Cmd {
         #[arg(long)]
         record: bool,
     },
+    /// Compare CFS, scx_test_fifo and milk with every host policy on the
+    /// same workloads: interleaved boots, medians and spreads, ratios to
+    /// CFS, fidelity counters, JSON and SVG plots.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -162,6 +170,10 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             Ok(exit_for(&out))
         }
         Cmd::Reproducible { record } => reproducible(record),
+        Cmd::Compare(args) => {
+            compare::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
