@@ -164,7 +164,10 @@ impl NestedSpec {
             }
         }
         if !(1..=16).contains(&self.cpus) {
-            return Err(NestedError::BadSpec(format!("cpus must be 1..=16, got {}", self.cpus)));
+            return Err(NestedError::BadSpec(format!(
+                "cpus must be 1..=16, got {}",
+                self.cpus
+            )));
         }
         if !(512..=16384).contains(&self.memory_mib) {
             return Err(NestedError::BadSpec(format!(
@@ -277,7 +280,9 @@ pub fn parse_boot(line: &str) -> Option<L1Boot> {
 /// message sharing the console line).
 pub fn parse_step_marker(line: &str) -> Option<(usize, Option<i32>)> {
     if let Some(at) = line.find(STEP_BEGIN) {
-        let id = line[at + STEP_BEGIN.len()..].trim_end().strip_prefix("id=")?;
+        let id = line[at + STEP_BEGIN.len()..]
+            .trim_end()
+            .strip_prefix("id=")?;
         return Some((id.parse().ok()?, None));
     }
     let at = line.find(STEP_END)?;
@@ -448,8 +453,7 @@ pub fn run_nested(
                 match current.and_then(|id| out.steps.iter_mut().find(|s| s.id == id)) {
                     Some(s) => {
                         if s.to_guest_init.is_none() && line.contains("MILK-BOOT ") {
-                            s.to_guest_init =
-                                Some(start.elapsed().saturating_sub(s.started));
+                            s.to_guest_init = Some(start.elapsed().saturating_sub(s.started));
                         }
                         on_line(NestedLine::Stdout(s.id, &line));
                         s.stdout.push(line);
@@ -506,7 +510,10 @@ pub fn run_nested(
     }
     if out.boot.is_none() {
         let msg = qemu_errors.join("; ");
-        if qemu_errors.iter().any(|l| l.contains("doesn't support requested feature")) {
+        if qemu_errors
+            .iter()
+            .any(|l| l.contains("doesn't support requested feature"))
+        {
             return Err(NestedError::NoSvm(msg));
         }
         if !qemu_errors.is_empty() && out.l1_console.is_empty() {
@@ -523,7 +530,10 @@ mod tests {
     #[test]
     fn markers_parse_with_and_without_a_prefix() {
         assert_eq!(parse_step_marker("MILK-STEP-BEGIN id=3"), Some((3, None)));
-        assert_eq!(parse_step_marker("MILK-STEP-END id=3 status=71\r"), Some((3, Some(71))));
+        assert_eq!(
+            parse_step_marker("MILK-STEP-END id=3 status=71\r"),
+            Some((3, Some(71)))
+        );
         assert_eq!(
             parse_step_marker("[    9.1] kvm: x MILK-STEP-END id=12 status=0"),
             Some((12, Some(0)))

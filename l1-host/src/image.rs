@@ -203,7 +203,11 @@ mod tests {
     #[test]
     fn parents_come_before_their_files_once() {
         let f = |p: &str| file(p, 0o644, vec![]);
-        let d = parent_dirs(&[f("lib/x86_64-linux-gnu/libc.so.6"), f("lib64/ld.so"), f("lib/a")]);
+        let d = parent_dirs(&[
+            f("lib/x86_64-linux-gnu/libc.so.6"),
+            f("lib64/ld.so"),
+            f("lib/a"),
+        ]);
         let names: Vec<&str> = d.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(names, ["lib", "lib/x86_64-linux-gnu", "lib64"]);
     }

@@ -133,11 +133,7 @@ impl Job {
                 };
                 let p = Path::new(&value);
                 // A missing file stays as given: milk-vmm reports it (66).
-                let mapped = if p.is_file() {
-                    self.add_file(p)
-                } else {
-                    value
-                };
+                let mapped = if p.is_file() { self.add_file(p) } else { value };
                 argv.push(opt.to_string());
                 argv.push(mapped);
             } else {
@@ -177,7 +173,16 @@ mod tests {
         );
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
         // Round trip through a real shell.
-        for w in ["a b", "it's", "$HOME", "\"q\"", "x;y", "*", "back\\slash", ""] {
+        for w in [
+            "a b",
+            "it's",
+            "$HOME",
+            "\"q\"",
+            "x;y",
+            "*",
+            "back\\slash",
+            "",
+        ] {
             let out = std::process::Command::new("sh")
                 .arg("-c")
                 .arg(format!("printf %s {}", shell_quote(w)))
@@ -254,7 +259,12 @@ mod tests {
         let e = Job::new()
             .add_vmm_step(&strs(&["--serial-log", "/tmp/x"]))
             .unwrap_err();
-        assert!(e.to_string().contains("--serial-log is not supported"), "{e}");
-        assert!(Job::new().add_vmm_step(&strs(&["--serial-log=/tmp/x"])).is_err());
+        assert!(
+            e.to_string().contains("--serial-log is not supported"),
+            "{e}"
+        );
+        assert!(Job::new()
+            .add_vmm_step(&strs(&["--serial-log=/tmp/x"]))
+            .is_err());
     }
 }

@@ -204,7 +204,13 @@ fn configure(
     let stamp = build_dir.join(".milk-l1-fragment");
     let dot_config = build_dir.join(".config");
     if fs::read_to_string(&stamp).ok().as_deref() != Some(fragment_text) || !dot_config.exists() {
-        make::run(src, build_dir, &["tinyconfig".to_string()], log, "l1-config")?;
+        make::run(
+            src,
+            build_dir,
+            &["tinyconfig".to_string()],
+            log,
+            "l1-config",
+        )?;
         let frag_copy = build_dir.join("l1.config");
         fs::write(&frag_copy, fragment_text).map_err(|e| Error::io(&frag_copy, e))?;
         let out = std::process::Command::new(src.join("scripts/kconfig/merge_config.sh"))
@@ -222,7 +228,13 @@ fn configure(
                 String::from_utf8_lossy(&out.stderr)
             )));
         }
-        make::run(src, build_dir, &["olddefconfig".to_string()], log, "l1-config")?;
+        make::run(
+            src,
+            build_dir,
+            &["olddefconfig".to_string()],
+            log,
+            "l1-config",
+        )?;
         fs::write(&stamp, fragment_text).map_err(|e| Error::io(&stamp, e))?;
     }
     let bad = KConfig::load(&dot_config)?.violations(fragment);

@@ -119,7 +119,8 @@ impl Runner {
 
     /// Adds a step running `argv` (milk-vmm and milkctl are on `PATH`).
     pub fn step(&mut self, argv: &[&str]) -> usize {
-        self.job.add_step(argv.iter().map(|s| s.to_string()).collect())
+        self.job
+            .add_step(argv.iter().map(|s| s.to_string()).collect())
     }
 
     /// Runs every step; `on_line` sees each line as it arrives.
@@ -190,7 +191,11 @@ impl Runner {
             let mut child = Killed(child);
             let (tx, rx) = mpsc::channel::<(bool, String)>();
             let readers: Vec<_> = [
-                (Box::new(child.0.stdout.take().expect("piped")) as Box<dyn std::io::Read + Send>, true),
+                (
+                    Box::new(child.0.stdout.take().expect("piped"))
+                        as Box<dyn std::io::Read + Send>,
+                    true,
+                ),
                 (Box::new(child.0.stderr.take().expect("piped")), false),
             ]
             .into_iter()
@@ -211,7 +216,15 @@ impl Runner {
                 if now >= deadline {
                     return Err(Error::Nested(nested::NestedError::Timeout {
                         secs: opts.timeout.as_secs(),
-                        tail: s.stdout.iter().rev().take(20).rev().cloned().collect::<Vec<_>>().join("\n"),
+                        tail: s
+                            .stdout
+                            .iter()
+                            .rev()
+                            .take(20)
+                            .rev()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join("\n"),
                     }));
                 }
                 match rx.recv_timeout(deadline - now) {
@@ -271,7 +284,9 @@ mod tests {
         r.step(&["sh", "-c", "echo MILK-BOOT x; exit 0"]);
         let mut seen = Vec::new();
         let out = r
-            .run(&RunOptions::new(d.path()), &mut |l| seen.push(format!("{l:?}")))
+            .run(&RunOptions::new(d.path()), &mut |l| {
+                seen.push(format!("{l:?}"))
+            })
             .unwrap();
         assert_eq!(out.steps.len(), 2);
         assert_eq!(out.steps[0].status, Some(3));
@@ -279,7 +294,10 @@ mod tests {
         assert_eq!(out.steps[0].stderr, ["err1"]);
         assert_eq!(out.steps[1].status, Some(0));
         assert!(out.steps[1].to_guest_init.is_some());
-        assert!(seen.iter().any(|l| l.contains("Stderr(1, \"err1\")")), "{seen:?}");
+        assert!(
+            seen.iter().any(|l| l.contains("Stderr(1, \"err1\")")),
+            "{seen:?}"
+        );
     }
 
     #[test]

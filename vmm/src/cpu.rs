@@ -301,7 +301,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, t: CpuidTopology) {
             0x4 if vendor != Vendor::Amd && e.eax & 0x1f != 0 => {
                 let level = (e.eax >> 5) & 0x7;
                 let sharing = if level >= 3 { num_cpus - 1 } else { 0 };
-                e.eax = (e.eax & 0x3fff) | ((num_cpus - 1).min(63) << 26) | ((sharing & 0xfff) << 14);
+                e.eax =
+                    (e.eax & 0x3fff) | ((num_cpus - 1).min(63) << 26) | ((sharing & 0xfff) << 14);
             }
             0xb | 0x1f => {
                 e.edx = apic_id;
@@ -682,7 +683,10 @@ mod tests {
 
         let mut one = CpuId::from_entries(&entries).unwrap();
         filter_cpuid(&mut one, topo(0, 1));
-        assert_eq!(leaf(&one, 0x8000_0001, 0).ecx & CPUID_80000001_ECX_CMP_LEGACY, 0);
+        assert_eq!(
+            leaf(&one, 0x8000_0001, 0).ecx & CPUID_80000001_ECX_CMP_LEGACY,
+            0
+        );
         assert_eq!(leaf(&one, 0x8000_0008, 0).ecx & 0xf0ff, 0);
     }
 

@@ -764,7 +764,10 @@ pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
     (Cap::Pit2, "in-kernel PIT (KVM_CAP_PIT2)"),
     (Cap::SetTssAddr, "TSS address (KVM_CAP_SET_TSS_ADDR)"),
     (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID (KVM_CAP_EXT_CPUID)"),
-    (Cap::ImmediateExit, "immediate exit (KVM_CAP_IMMEDIATE_EXIT)"),
+    (
+        Cap::ImmediateExit,
+        "immediate exit (KVM_CAP_IMMEDIATE_EXIT)",
+    ),
 ];
 
 /// The names of the [`REQUIRED_CAPS`] that `has` says are missing.
@@ -784,7 +787,10 @@ mod tests {
     fn capability_check_names_what_is_missing() {
         assert!(missing_capabilities(|_| true).is_empty());
         let missing = missing_capabilities(|c| !matches!(c, Cap::Irqfd | Cap::Ioeventfd));
-        assert_eq!(missing, ["irqfd (KVM_CAP_IRQFD)", "ioeventfd (KVM_CAP_IOEVENTFD)"]);
+        assert_eq!(
+            missing,
+            ["irqfd (KVM_CAP_IRQFD)", "ioeventfd (KVM_CAP_IOEVENTFD)"]
+        );
         assert_eq!(missing_capabilities(|_| false).len(), REQUIRED_CAPS.len());
         let e = VmmError::MissingCapabilities(missing.join(", "));
         assert_eq!(
@@ -800,7 +806,10 @@ mod tests {
         let Ok(kvm) = Kvm::new() else {
             panic!("/dev/kvm is needed for the KVM tests");
         };
-        assert_eq!(missing_capabilities(|c| kvm.check_extension(c)), Vec::<&str>::new());
+        assert_eq!(
+            missing_capabilities(|c| kvm.check_extension(c)),
+            Vec::<&str>::new()
+        );
     }
 
     fn cfg(kernel: &std::path::Path) -> VmConfig {

@@ -147,7 +147,11 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
         Cmd::L1Kernel => {
             let k = milk_l1_host::kernel::ensure_kernel()?;
             println!("version  {}", k.version);
-            println!("bzImage  {} (sha256 {})", k.bzimage.display(), k.bzimage_sha256);
+            println!(
+                "bzImage  {} (sha256 {})",
+                k.bzimage.display(),
+                k.bzimage_sha256
+            );
             println!("config   {}", k.config.display());
             Ok(ExitCode::SUCCESS)
         }

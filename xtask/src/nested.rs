@@ -86,12 +86,13 @@ pub fn run(a: NestedArgs, root: &std::path::Path) -> Result<ExitCode, Box<dyn st
     let out = match result {
         Ok(o) => o,
         Err(milk_l1_host::Error::Nested(e @ NestedError::Timeout { .. })) => {
-            eprintln!("error: {}", e.to_string().lines().next().unwrap_or_default());
+            eprintln!(
+                "error: {}",
+                e.to_string().lines().next().unwrap_or_default()
+            );
             return Ok(ExitCode::from(124));
         }
-        Err(milk_l1_host::Error::Nested(
-            e @ (NestedError::NoSvm(_) | NestedError::NoKvm(_)),
-        )) => {
+        Err(milk_l1_host::Error::Nested(e @ (NestedError::NoSvm(_) | NestedError::NoKvm(_)))) => {
             eprintln!("error: {e}");
             return Ok(ExitCode::from(69));
         }

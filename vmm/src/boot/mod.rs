@@ -339,15 +339,15 @@ mod tests {
         let h = header(0x100_0000, 0x20_0000, 1, 0x300_0000);
         assert_eq!(bzimage_init_end(HIMEM_START, &h), 0x100_0000 + 0x300_0000);
         // Loaded above pref_address: rounded up to the alignment.
-        assert_eq!(
-            bzimage_init_end(0x210_0000, &h),
-            0x220_0000 + 0x300_0000
-        );
+        assert_eq!(bzimage_init_end(0x210_0000, &h), 0x220_0000 + 0x300_0000);
         // Not relocatable: always pref_address.
         let fixed = header(0x100_0000, 0x20_0000, 0, 0x100_0000);
         assert_eq!(bzimage_init_end(HIMEM_START, &fixed), 0x200_0000);
         // A zero alignment does not divide by zero.
-        assert_eq!(bzimage_init_end(HIMEM_START, &header(0, 0, 1, 0x1000)), HIMEM_START + 0x1000);
+        assert_eq!(
+            bzimage_init_end(HIMEM_START, &header(0, 0, 1, 0x1000)),
+            HIMEM_START + 0x1000
+        );
     }
 
     #[test]
