@@ -198,6 +198,16 @@ pub struct Metrics {
     pub injected: u64,
     /// Acks of injected decisions, by status (also included in `acks`).
     pub injected_acks: [u64; AckStatus::COUNT],
+    /// Undelivered decisions of a swapped-out policy, revoked at the swap.
+    pub swap_revoked: u64,
+    /// Acks of RUNs written by a policy that was swapped out since.
+    pub old_policy_acks: u64,
+    /// Per swap: the loop's time in the swap (revoke, attach, HELLO, first schedule), ns.
+    pub swap_stall: Histogram,
+    /// Per swap: last decision of the old policy -> first decision of the new one, ns.
+    pub swap_blackout: Histogram,
+    /// The last RUN the policy swapped out last had written (for late-replay tests).
+    pub last_run_before_swap: Option<crate::runtime::RawDecision>,
 }
 
 impl Default for Metrics {
@@ -221,6 +231,11 @@ impl Default for Metrics {
             apply_latency: Histogram::default(),
             injected: 0,
             injected_acks: [0; AckStatus::COUNT],
+            swap_revoked: 0,
+            old_policy_acks: 0,
+            swap_stall: Histogram::default(),
+            swap_blackout: Histogram::default(),
+            last_run_before_swap: None,
         }
     }
 }
@@ -352,6 +367,20 @@ impl fmt::Display for Summary {
                 f,
                 "\n  records queued before this runtime started (dropped): {}",
                 m.discarded_on_start
+            )?;
+        }
+        if m.policy_swaps > 0 {
+            write!(
+                f,
+                "\n  policy swaps: {} (revoked decisions {}, old-policy acks {}); stall p50 {} max {}; \
+                 blackout p50 {} max {}",
+                m.policy_swaps,
+                m.swap_revoked,
+                m.old_policy_acks,
+                fmt_ns(m.swap_stall.percentile(50.0)),
+                fmt_ns(m.swap_stall.max()),
+                fmt_ns(m.swap_blackout.percentile(50.0)),
+                fmt_ns(m.swap_blackout.max())
             )?;
         }
         if m.injected > 0 {

@@ -27,6 +27,10 @@ use crate::protocol::{
 };
 use crate::queue::QueueEngine;
 
+// In-process policy swap (control plane, issue 10): see swap.rs.
+#[path = "swap.rs"]
+mod swap;
+
 /// How often a running loop publishes its counters for [`RuntimeHandle::snapshot`].
 pub const SNAPSHOT_PERIOD: Duration = Duration::from_millis(100);
 
@@ -192,6 +196,7 @@ pub struct Runtime<M: GuestMemory> {
     msgs: Vec<(u16, Message)>,
     events: Vec<PolicyEvent>,
     decisions: Vec<Decision>,
+    swap: swap::SwapState,
 }
 
 impl<M: GuestMemory> Runtime<M> {
@@ -218,6 +223,7 @@ impl<M: GuestMemory> Runtime<M> {
             msgs: Vec::new(),
             events: Vec::new(),
             decisions: Vec::new(),
+            swap: swap::SwapState::default(),
         }
     }
 
@@ -335,24 +341,12 @@ impl<M: GuestMemory> Runtime<M> {
         self.engine.flush();
     }
 
-    /// Replace the policy without telling the guest anything but a HELLO carrying the same
-    /// session id and the new name: the task table survives, the new policy rebuilds its
-    /// state from it, and the guest only sees a pause.
-    pub fn swap_policy(&mut self, mut policy: Box<dyn Policy>) {
-        log::info!(
-            "swapping policy {} -> {}",
-            self.policy.name(),
-            policy.name()
-        );
-        policy.attach(&self.view);
-        self.policy = policy;
-        self.metrics.policy_swaps += 1;
-        if self.session_id != 0 {
-            let hello = Message::Hello(self.session_record(0));
-            self.send_session(hello);
-        }
-        self.schedule();
-        self.engine.flush();
+    /// Replace the policy at this safe point (see `swap.rs`): undelivered decisions of the
+    /// old policy are revoked, the task table survives and the new policy attaches to it,
+    /// and the guest sees a HELLO with the same session id and the new name (it stays on
+    /// sched_ext).
+    pub fn swap_policy(&mut self, policy: Box<dyn Policy>) {
+        swap::swap(self, policy);
     }
 
     /// One iteration: poll events, update tables, run the policy, write decisions.
@@ -691,6 +685,7 @@ impl<M: GuestMemory> Runtime<M> {
         now: u64,
     ) {
         self.metrics.acks[status as usize] += 1;
+        swap::SwapState::note_ack(self, cookie);
         if cookie & INJECTED_COOKIE != 0 {
             // Ours, but not the policy's: counted, never shown to the policy or matched
             // against the CPU's in-flight RUN.
@@ -808,6 +803,8 @@ impl<M: GuestMemory> Runtime<M> {
                     self.metrics
                         .latency
                         .record(now.saturating_sub(t.runnable_since_ns));
+                    let run = RawDecision::run(pid, cpu, t.seq);
+                    swap::SwapState::decision_written(self, now, Some(run));
                 } else {
                     self.metrics.queue_full += 1;
                 }
@@ -833,6 +830,7 @@ impl<M: GuestMemory> Runtime<M> {
                 });
                 if self.engine.push_decision(cpu, rec.encode()) {
                     self.metrics.decisions_preempt += 1;
+                    swap::SwapState::decision_written(self, now, None);
                 } else {
                     self.metrics.queue_full += 1;
                 }
