@@ -206,6 +206,9 @@ pub struct Metrics {
     pub swap_stall: Histogram,
     /// Per swap: last decision of the old policy -> first decision of the new one, ns.
     pub swap_blackout: Histogram,
+    /// Gap between two consecutive decisions of the same policy, ns (what a swap's
+    /// blackout compares with).
+    pub decision_gap: Histogram,
     /// The last RUN the policy swapped out last had written (for late-replay tests).
     pub last_run_before_swap: Option<crate::runtime::RawDecision>,
 }
@@ -235,6 +238,7 @@ impl Default for Metrics {
             old_policy_acks: 0,
             swap_stall: Histogram::default(),
             swap_blackout: Histogram::default(),
+            decision_gap: Histogram::default(),
             last_run_before_swap: None,
         }
     }
@@ -272,6 +276,8 @@ pub struct Summary {
     pub session_id: u64,
     /// Whether the guest echoed that session's HELLO.
     pub session_established: bool,
+    /// Tasks in the runtime's task table.
+    pub tasks: usize,
 }
 
 fn fmt_ns(ns: u64) -> String {
@@ -373,14 +379,16 @@ impl fmt::Display for Summary {
             write!(
                 f,
                 "\n  policy swaps: {} (revoked decisions {}, old-policy acks {}); stall p50 {} max {}; \
-                 blackout p50 {} max {}",
+                 blackout p50 {} max {} (decision gap p50 {} p99 {})",
                 m.policy_swaps,
                 m.swap_revoked,
                 m.old_policy_acks,
                 fmt_ns(m.swap_stall.percentile(50.0)),
                 fmt_ns(m.swap_stall.max()),
                 fmt_ns(m.swap_blackout.percentile(50.0)),
-                fmt_ns(m.swap_blackout.max())
+                fmt_ns(m.swap_blackout.max()),
+                fmt_ns(m.decision_gap.percentile(50.0)),
+                fmt_ns(m.decision_gap.percentile(99.0))
             )?;
         }
         if m.injected > 0 {

@@ -271,6 +271,7 @@ impl<M: GuestMemory> Runtime<M> {
             engine: self.engine.stats().clone(),
             session_id: self.session_id,
             session_established: self.established,
+            tasks: self.view.tasks.len(),
         }
     }
 

@@ -19,7 +19,8 @@
 //! Measured: `swap_stall` (time the loop spent swapping: revoke, attach, HELLO, first
 //! schedule) and `swap_blackout` (last decision written by the old policy -> first
 //! decision written by the new one, host clock; includes waiting for the workload's next
-//! event when no task was runnable). The last RUN the old policy wrote is kept in
+//! event when no task was runnable), compared with `decision_gap`, the gap between two
+//! consecutive decisions of one policy. The last RUN the old policy wrote is kept in
 //! `Metrics::last_run_before_swap`, so a test can replay it late (fault injection) and
 //! check that the guest rejects it.
 
