@@ -55,6 +55,10 @@ impl SwapState {
     ) {
         if let Some(from) = rt.swap.blackout_from.take() {
             rt.metrics.swap_blackout.record(now.saturating_sub(from));
+        } else if rt.swap.last_decision_ns != 0 {
+            rt.metrics
+                .decision_gap
+                .record(now.saturating_sub(rt.swap.last_decision_ns));
         }
         rt.swap.last_decision_ns = now;
         if run.is_some() {

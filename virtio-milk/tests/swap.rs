@@ -280,6 +280,11 @@ fn a_late_ack_of_the_old_policy_resolves_its_run_exactly_once() {
     let m = rt.metrics();
     assert_eq!(m.swap_blackout.count(), 1);
     assert_eq!(m.swap_stall.count(), 1);
+    assert_eq!(
+        m.decision_gap.count(),
+        0,
+        "one decision before, one after the swap"
+    );
     assert!(m.swap_blackout.max() >= m.swap_stall.min());
 }
 
