@@ -51,9 +51,15 @@ pub type OnStart<'a> =
 
 /// Checks that `policy` (`NAME[:PARAMS]`) resolves (`milk_policies::resolve`).
 pub fn check_policy(policy: &str) -> Result<(), LaunchError> {
-    milk_policies::resolve(policy)
-        .map(|_| ())
-        .map_err(|e| LaunchError::InvalidConfig(format!("--policy: {e}")))
+    use milk_policies::PolicyError;
+    milk_policies::resolve(policy).map(|_| ()).map_err(|e| {
+        LaunchError::InvalidConfig(match e {
+            PolicyError::Unknown { name, known } => {
+                format!("unknown --policy {name:?} (known: {known})")
+            }
+            e => format!("--policy: {e}"),
+        })
+    })
 }
 
 /// QEMU writes its pid here (`-pidfile`), so `stop` can end it with SIGTERM.
@@ -237,7 +243,7 @@ mod tests {
         c.policy = Some("nope".into());
         let e = run_qemu(&c, &mut |_, _| Ok(())).unwrap_err();
         assert_eq!(e.exit_code(), 64);
-        assert!(e.to_string().contains("unknown policy"), "{e}");
+        assert!(e.to_string().contains("unknown --policy \"nope\""), "{e}");
         assert!(!started, "nothing started");
     }
 
