@@ -54,9 +54,10 @@ pub fn check_policy(policy: &str) -> Result<(), LaunchError> {
     use milk_policies::PolicyError;
     milk_policies::resolve(policy).map(|_| ()).map_err(|e| {
         LaunchError::InvalidConfig(match e {
-            PolicyError::Unknown { name, known } => {
-                format!("unknown --policy {name:?} (known: {known})")
-            }
+            PolicyError::UnknownPolicy(name) => format!(
+                "unknown --policy {name:?} (known: {})",
+                milk_policies::names().join(", ")
+            ),
             e => format!("--policy: {e}"),
         })
     })
