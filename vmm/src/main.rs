@@ -141,8 +141,15 @@ fn new_vm(
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
-        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
-        vm.add_virtio_device(Box::new(dev))?;
+        #[cfg(feature = "test-devices")]
+        {
+            let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+            vm.add_virtio_device(Box::new(dev))?;
+        }
+        #[cfg(not(feature = "test-devices"))]
+        return Err(milk_vmm::VmmError::InvalidConfig(
+            "--echo-device needs milk-vmm built with the test-devices feature".into(),
+        ));
     }
     let mut control = None;
     if let Some(spec) = policy {
