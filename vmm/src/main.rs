@@ -30,7 +30,7 @@ Examples:
 
   # With a control socket; from another shell swap the policy live.
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
-  milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
+  milkctl --api-sock /tmp/milk.sock swap rr
 
 Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
