@@ -247,7 +247,7 @@ fn invalid_cmdline_and_policy() {
         expect_error(
             &["--kernel", k, "--engine", engine, "--policy", "../evil"],
             64,
-            "--policy \"../evil\": unknown policy \"../evil\" (known: fifo, rr)",
+            "--policy: unknown policy \"../evil\" (known: fifo, rr)",
             dir.path(),
         );
     }
