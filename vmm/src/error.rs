@@ -140,9 +140,7 @@ impl VmmError {
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE
             }
-            VmmError::Milk(milk_ivshmem::session::SessionError::UnknownPolicy(..)) => {
-                exit_code::USAGE
-            }
+            VmmError::Milk(milk_ivshmem::session::SessionError::Policy(_)) => exit_code::USAGE,
             VmmError::Milk(_) | VmmError::MilkDevice(_) => exit_code::SOFTWARE,
             VmmError::Qemu(h) => match h {
                 H::QemuMissing => exit_code::UNAVAILABLE,

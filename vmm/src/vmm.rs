@@ -211,6 +211,7 @@ pub struct Vm {
     config: VmConfig,
     devices: Vec<Box<dyn VirtioDevice>>,
     line_cb: Option<LineCallback>,
+    exit: Option<ExitHandle>,
 }
 
 /// Handle on a virtio-mmio slot of a running or finished VM.
@@ -223,7 +224,17 @@ impl Vm {
             config,
             devices: Vec::new(),
             line_cb: None,
+            exit: None,
         }
+    }
+
+    /// The handle that stops this VM from another thread (e.g.
+    /// `exit_handle()?.request(ExitReason::Stopped)`), valid before and during the run.
+    pub fn exit_handle(&mut self) -> std::io::Result<ExitHandle> {
+        if self.exit.is_none() {
+            self.exit = Some(ExitHandle::new()?);
+        }
+        Ok(self.exit.clone().expect("just set"))
     }
 
     /// Adds a virtio device in the next virtio-mmio slot; returns the slot index
@@ -261,6 +272,7 @@ impl Vm {
             config,
             devices,
             line_cb,
+            exit,
         } = self;
         config.validate()?;
         vcpu::register_kick_handler().map_err(|e| VmmError::Io {
@@ -319,7 +331,10 @@ impl Vm {
             kernel.entry.raw_value()
         );
 
-        let exit = ExitHandle::new().map_err(VmmError::io("creating the exit eventfd"))?;
+        let exit = match exit {
+            Some(e) => e,
+            None => ExitHandle::new().map_err(VmmError::io("creating the exit eventfd"))?,
+        };
         let log_file = match &config.serial_log {
             Some(p) => Some(File::create(p).map_err(|err| VmmError::SerialLog {
                 path: p.clone(),
@@ -495,6 +510,10 @@ pub fn outcome_exit_code(o: &VmOutcome) -> i32 {
         }
         ExitReason::Timeout => exit_code::TIMEOUT,
         ExitReason::Signal(s) => exit_code::SIGNAL_BASE + s,
+        ExitReason::Stopped => {
+            eprintln!("milk-vmm: {}", o.exit);
+            return 0;
+        }
         ExitReason::GuestFault(_) => exit_code::GUEST_FAULT,
         _ => exit_code::SOFTWARE,
     };

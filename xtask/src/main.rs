@@ -1,5 +1,7 @@
-//! `cargo xtask`: builds the guest, boots it, and runs the test suite.
+//! `cargo xtask`: builds the guest, boots it, runs the test suite and the
+//! scheduler comparison.
 
+mod compare;
 mod nested;
 
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use milk_harness::GuestSpec;
                   cargo xtask test               everything CI runs\n  \
                   cargo xtask boot -- milk-work  boot and run a command in the guest\n  \
                   cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops\n  \
+                  cargo xtask compare --quick    smoke run of the scheduler comparison\n  \
                   cargo xtask nested -- --kernel K --initrd I --cpus 2 --policy fifo   milk-vmm on real KVM (nested)"
 )]
 struct Cli {
@@ -73,6 +76,10 @@ enum Cmd {
         #[arg(long)]
         record: bool,
     },
+    /// Compare CFS, scx_test_fifo and milk with every host policy on the
+    /// same workloads: interleaved boots, medians and spreads, ratios to
+    /// CFS, fidelity counters, JSON and SVG plots.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
@@ -183,6 +190,10 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
         }
         Cmd::Reproducible { record } => reproducible(record),
         Cmd::Nested(a) => nested::run(a, &workspace_root()),
+        Cmd::Compare(args) => {
+            compare::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
