@@ -324,9 +324,11 @@ fn bad_input_gets_the_clear_errors_of_the_cli() {
             64,
             "exceeds the host",
         ),
+        // 24 MiB in 40 MiB would fit above the 2.5 MB bzImage, but not above
+        // its decompression buffer (pref_address 16 MiB + init_size 16 MiB).
         (
             vec![
-                "--kernel", k, "--initrd", &big, "--memory", "16", "--engine", "kvm",
+                "--kernel", k, "--initrd", &big, "--memory", "40", "--engine", "kvm",
             ],
             65,
             "does not fit in guest memory",
