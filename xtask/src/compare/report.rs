@@ -133,11 +133,19 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             engines.push(&s.engine);
         }
     }
-    let bar = |label: String, s: &Spread| SpreadBar {
+    // One colour per scheduler, in every plot.
+    let mut scheds: Vec<&str> = Vec::new();
+    for s in &r.summary {
+        if !scheds.contains(&s.scheduler.as_str()) {
+            scheds.push(&s.scheduler);
+        }
+    }
+    let bar = |label: String, sched: &str, s: &Spread| SpreadBar {
         label,
         median: s.median,
         min: s.min,
         max: s.max,
+        color: scheds.iter().position(|x| *x == sched).unwrap_or(0),
     };
     for eng in engines {
         let mut ratios = Vec::new();
@@ -153,7 +161,13 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             let m = &w.metrics[0];
             let bars: Vec<SpreadBar> = rows
                 .iter()
-                .filter_map(|s| Some(bar(s.scheduler.clone(), s.metrics.get(m.key)?)))
+                .filter_map(|s| {
+                    Some(bar(
+                        s.scheduler.clone(),
+                        &s.scheduler,
+                        s.metrics.get(m.key)?,
+                    ))
+                })
                 .collect();
             if !bars.is_empty() {
                 let better = if m.lower_is_better { "lower" } else { "higher" };
@@ -172,7 +186,11 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             for m in w.metrics {
                 for s in rows.iter().filter(|s| s.scheduler != "cfs") {
                     if let Some(x) = s.ratio_vs_cfs.get(m.key) {
-                        ratios.push(bar(format!("{} {} {}", w.name, m.key, s.scheduler), x));
+                        ratios.push(bar(
+                            format!("{} {} {}", w.name, m.key, s.scheduler),
+                            &s.scheduler,
+                            x,
+                        ));
                     }
                 }
             }
