@@ -52,6 +52,7 @@ impl Scheduler {
     }
 }
 
+/// The guest the engines boot.
 #[derive(Debug, Clone)]
 pub struct Guest {
     /// The PVH vmlinux.

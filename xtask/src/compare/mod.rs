@@ -102,6 +102,7 @@ pub struct CompareArgs {
     pub json: bool,
 }
 
+/// Where and how the run was made.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
     /// Host `uname -srm`.

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// A number a workload reports.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MetricSpec {
     /// Key in the results.
