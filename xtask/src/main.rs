@@ -2,6 +2,7 @@
 //! scheduler comparison.
 
 mod compare;
+mod nested;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -18,7 +19,8 @@ use milk_harness::GuestSpec;
                   cargo xtask test               everything CI runs\n  \
                   cargo xtask boot -- milk-work  boot and run a command in the guest\n  \
                   cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops\n  \
-                  cargo xtask compare --quick    smoke run of the scheduler comparison"
+                  cargo xtask compare --quick    smoke run of the scheduler comparison\n  \
+                  cargo xtask nested -- --kernel K --initrd I --cpus 2 --policy fifo   milk-vmm on real KVM (nested)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +41,8 @@ enum Cmd {
         #[arg(long)]
         clean: bool,
     },
+    /// Build (or find in the cache) the nested-KVM L1 host kernel and print its path.
+    L1Kernel,
     /// Build (or find in the cache) the initramfs and print its path.
     Initramfs,
     /// Boot the guest under QEMU TCG and run a command in it.
@@ -62,6 +66,10 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Run a milk-vmm command on real KVM: inside a nested L1 host under QEMU
+    /// TCG with emulated AMD SVM (directly where /dev/kvm has VMX/SVM);
+    /// exits with milk-vmm's status.
+    Nested(nested::NestedArgs),
     /// Build the kernel twice from scratch and compare the bzImage hashes.
     Reproducible {
         /// Write the hash into guest-kernel/kernel.lock when both builds agree.
@@ -149,6 +157,17 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             println!("config   {}", k.config.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::L1Kernel => {
+            let k = milk_l1_host::kernel::ensure_kernel()?;
+            println!("version  {}", k.version);
+            println!(
+                "bzImage  {} (sha256 {})",
+                k.bzimage.display(),
+                k.bzimage_sha256
+            );
+            println!("config   {}", k.config.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Initramfs => {
             println!("{}", milk_images::ensure_initramfs()?.display());
             Ok(ExitCode::SUCCESS)
@@ -180,6 +199,7 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             compare::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Nested(a) => nested::run(a, &workspace_root()),
     }
 }
 
@@ -304,6 +324,8 @@ fn test_suite() -> Res<ExitCode> {
     let k = milk_guest_kernel::ensure_built()?;
     eprintln!("kernel {} at {}", k.version, k.vmlinux.display());
     eprintln!("initramfs {}", milk_images::ensure_initramfs()?.display());
+    let l1 = milk_l1_host::kernel::ensure_kernel()?;
+    eprintln!("L1 host kernel {} at {}", l1.version, l1.bzimage.display());
     step(
         "tests",
         cargo().args([
