@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use engine::{bridge_counters, check_scheduler, guest_script};
-use engine::{engines, Engine, Guest, Scheduler};
+use engine::{engines, Boot, BootRequest, Engine, Guest, Scheduler};
 use report::{render_table, write_plots};
 use stats::{fidelity, summarize, ConfigSummary, RunRecord};
 use workload::fields;
@@ -219,7 +219,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
     if !scheds.contains(&Scheduler::Cfs) {
         return Err(CompareError::NoBaseline);
     }
-    let all_engines = engines();
+    let all_engines = engines(&crate::workspace_root());
     let names: Vec<&str> = all_engines.iter().map(|e| e.name()).collect();
     for e in &args.engines {
         if !names.contains(&e.as_str()) {
@@ -251,6 +251,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         milk_images::ensure_test_initramfs().map_err(|e| CompareError::Guest(e.to_string()))?;
     let guest = Guest {
         vmlinux: kernel.vmlinux.clone(),
+        bzimage: kernel.bzimage.clone(),
         initrd,
     };
     let logs = args.out.join("logs");
@@ -267,39 +268,57 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         logs.display()
     );
     let t0 = Instant::now();
+    let timeout = Duration::from_secs(args.timeout);
     let mut records = Vec::new();
     let mut n = 0;
     for round in 0..runs {
-        for w in &wls {
-            for e in &engs {
-                // Rotate the order each round: no scheduler always runs first.
-                let mut order = scheds.clone();
-                order.rotate_left(round % scheds.len());
-                for s in &order {
-                    n += 1;
-                    let rec = one_boot(&guest, e.as_ref(), s, w, round, args, &logs, &mut mach);
-                    let eta = t0.elapsed().as_secs_f64() / n as f64 * (total - n) as f64;
-                    let what = match &rec.error {
-                        None => rec
-                            .metrics
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v:.3}"))
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                        Some(err) => format!("FAILED: {err}"),
-                    };
-                    eprintln!(
-                        "[compare {n}/{total}] {} {} {} round {}/{runs}: {what} (boot {:.1} s, ~{:.0} s left)",
+        // Rotate the order each round: no scheduler always runs first.
+        let mut order = scheds.clone();
+        order.rotate_left(round % scheds.len());
+        for e in &engs {
+            // One batch per engine and round: every workload under every scheduler.
+            let jobs: Vec<(&Workload, &Scheduler)> = wls
+                .iter()
+                .flat_map(|w| order.iter().map(move |s| (w, s)))
+                .collect();
+            let reqs: Vec<BootRequest> = jobs
+                .iter()
+                .map(|(w, s)| BootRequest {
+                    sched: (*s).clone(),
+                    cmdline: format!("milk.run=\"{}\"", guest_script(s, &w.command)),
+                    log: logs.join(format!(
+                        "{}-{}-{}-{round}.log",
                         e.name(),
                         w.name,
-                        s.name(),
-                        round + 1,
-                        rec.boot_s,
-                        eta
-                    );
-                    records.push(rec);
-                }
-            }
+                        s.name().replace(':', "-")
+                    )),
+                })
+                .collect();
+            e.boot_all(&guest, &reqs, timeout, &mut |i, res| {
+                let (w, s) = jobs[i];
+                let rec = record(e.name(), s, w, round, &reqs[i].log, res, &mut mach);
+                n += 1;
+                let eta = t0.elapsed().as_secs_f64() / n as f64 * (total - n) as f64;
+                let what = match &rec.error {
+                    None => rec
+                        .metrics
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v:.3}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    Some(err) => format!("FAILED: {err}"),
+                };
+                eprintln!(
+                    "[compare {n}/{total}] {} {} {} round {}/{runs}: {what} (boot {:.1} s, ~{:.0} s left)",
+                    e.name(),
+                    w.name,
+                    s.name(),
+                    round + 1,
+                    rec.boot_s,
+                    eta
+                );
+                records.push(rec);
+            });
         }
     }
     let summary = summarize(&records, &wls);
@@ -341,19 +360,18 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
     Ok(results)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn one_boot(
-    guest: &Guest,
-    engine: &dyn Engine,
+/// The record of one boot's result.
+fn record(
+    engine: &str,
     sched: &Scheduler,
     w: &Workload,
     round: usize,
-    args: &CompareArgs,
-    logs: &Path,
+    log: &Path,
+    res: Result<Boot, String>,
     mach: &mut Machine,
 ) -> RunRecord {
     let mut rec = RunRecord {
-        engine: engine.name().into(),
+        engine: engine.into(),
         scheduler: sched.name(),
         workload: w.name.into(),
         round,
@@ -363,20 +381,7 @@ fn one_boot(
         bridge: BTreeMap::new(),
         boot_s: 0.0,
     };
-    let log = logs.join(format!(
-        "{}-{}-{}-{round}.log",
-        engine.name(),
-        w.name,
-        sched.name().replace(':', "-")
-    ));
-    let cmdline = format!("milk.run=\"{}\"", guest_script(sched, &w.command));
-    let boot = match engine.boot(
-        guest,
-        sched,
-        &cmdline,
-        Duration::from_secs(args.timeout),
-        &log,
-    ) {
+    let boot = match res {
         Ok(b) => b,
         Err(e) => {
             rec.error = Some(e.lines().next().unwrap_or("boot failed").to_string());
@@ -391,7 +396,7 @@ fn one_boot(
     }
     rec.bridge = bridge_counters(&boot.console);
     if matches!(sched, Scheduler::Milk(_)) {
-        rec.fidelity = Some(fidelity(&rec.bridge, &boot.summaries));
+        rec.fidelity = Some(fidelity(&rec.bridge, boot.host.as_ref()));
     }
     let checked = match boot.status {
         Some(0) => check_scheduler(sched, &boot.console).and_then(|_| (w.parse)(&boot.console)),

@@ -82,7 +82,8 @@ impl HostCounts {
             let m = &s.metrics;
             let ack = |st: AckStatus| m.acks[st as usize];
             h.decisions += m.decisions_run + m.decisions_preempt;
-            h.rejected += ack(AckStatus::Stale) + ack(AckStatus::NotRunnable) + ack(AckStatus::NoTask);
+            h.rejected +=
+                ack(AckStatus::Stale) + ack(AckStatus::NotRunnable) + ack(AckStatus::NoTask);
             h.acks += m.acks_total() - m.injected_acks.iter().sum::<u64>();
             h.unmatched += m.unmatched_acks;
             apply.merge(&m.apply_latency);
@@ -134,7 +135,9 @@ pub fn fidelity(guest: &BTreeMap<String, String>, host: Option<&HostCounts>) -> 
         f.decisions = h.decisions;
         f.rejected = h.rejected;
         // Each matched ack resolves one decision; the rest hold a CPU.
-        f.unacked = h.decisions.saturating_sub(h.acks.saturating_sub(h.unmatched));
+        f.unacked = h
+            .decisions
+            .saturating_sub(h.acks.saturating_sub(h.unmatched));
         f.apply_p50_us = h.apply_p50_us;
     }
     f
@@ -393,7 +396,10 @@ mod tests {
         .map(|s| s.to_string())
         .collect();
         let h = HostCounts::parse(&text).unwrap();
-        assert_eq!((h.decisions, h.rejected, h.acks, h.unmatched), (40, 6, 38, 1));
+        assert_eq!(
+            (h.decisions, h.rejected, h.acks, h.unmatched),
+            (40, 6, 38, 1)
+        );
         let f = fidelity(&BTreeMap::new(), Some(&h));
         assert_eq!(f.unacked, 3);
         assert_eq!(HostCounts::parse(&text[..1]), None);
