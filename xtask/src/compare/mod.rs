@@ -82,7 +82,8 @@ pub struct CompareArgs {
     /// Workloads to run, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Schedulers, comma separated: cfs, scx_test_fifo, milk:<policy> (default: all).
+    /// Schedulers, comma separated: cfs, scx_test_fifo, milk:<policy> (default:
+    /// all), or milk:<policy>:<key>=<value> for a policy with one parameter set.
     #[arg(long, value_delimiter = ',')]
     pub schedulers: Vec<String>,
     /// Engines, comma separated (default: every engine available here).
@@ -198,6 +199,35 @@ fn select<T: Clone>(
         .collect()
 }
 
+/// The schedulers of `--schedulers`: listed names, or `milk:SPEC` with any
+/// policy spec `milk_policies::by_name` accepts (e.g. a parameter variant).
+fn select_schedulers(want: &[String]) -> Result<Vec<Scheduler>, CompareError> {
+    let all = Scheduler::all();
+    if want.is_empty() {
+        return Ok(all);
+    }
+    want.iter()
+        .map(|w| {
+            if let Some(s) = all.iter().find(|s| s.name() == *w) {
+                return Ok(s.clone());
+            }
+            match w.strip_prefix("milk:") {
+                // `into_iter` reads an Option and a Result alike.
+                Some(spec) if milk_policies::by_name(spec).into_iter().next().is_some() => {
+                    Ok(Scheduler::Milk(spec.to_string()))
+                }
+                _ => Err(CompareError::UnknownScheduler(
+                    w.clone(),
+                    all.iter()
+                        .map(Scheduler::name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )),
+            }
+        })
+        .collect()
+}
+
 /// Runs the benchmark: boots, table, results.json, plots.
 pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
     let runs = if args.quick { 1 } else { args.runs };
@@ -210,12 +240,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         |w| w.name.to_string(),
         CompareError::UnknownWorkload,
     )?;
-    let scheds = select(
-        Scheduler::all(),
-        &args.schedulers,
-        Scheduler::name,
-        CompareError::UnknownScheduler,
-    )?;
+    let scheds = select_schedulers(&args.schedulers)?;
     if !scheds.contains(&Scheduler::Cfs) {
         return Err(CompareError::NoBaseline);
     }
@@ -290,7 +315,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
                         "{}-{}-{}-{round}.log",
                         e.name(),
                         w.name,
-                        s.name().replace(':', "-")
+                        s.name().replace([':', '=', ','], "-")
                     )),
                 })
                 .collect();
