@@ -319,31 +319,58 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
                     )),
                 })
                 .collect();
-            e.boot_all(&guest, &reqs, timeout, &mut |i, res| {
-                let (w, s) = jobs[i];
-                let rec = record(e.name(), s, w, round, &reqs[i].log, res, &mut mach);
-                n += 1;
-                let eta = t0.elapsed().as_secs_f64() / n as f64 * (total - n) as f64;
-                let what = match &rec.error {
-                    None => rec
-                        .metrics
-                        .iter()
-                        .map(|(k, v)| format!("{k}={v:.3}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    Some(err) => format!("FAILED: {err}"),
-                };
-                eprintln!(
-                    "[compare {n}/{total}] {} {} {} round {}/{runs}: {what} (boot {:.1} s, ~{:.0} s left)",
-                    e.name(),
-                    w.name,
-                    s.name(),
-                    round + 1,
-                    rec.boot_s,
-                    eta
-                );
-                records.push(rec);
-            });
+            // Boots that never reached /init (under TCG on a loaded host the
+            // guest kernel's IO-APIC timer check fails now and then) are
+            // boot failures, not measurements: they are made again.
+            let mut todo: Vec<usize> = (0..reqs.len()).collect();
+            let mut tries = vec![0u32; reqs.len()];
+            while !todo.is_empty() {
+                let batch: Vec<BootRequest> = todo.iter().map(|&i| reqs[i].clone()).collect();
+                let mut again = Vec::new();
+                e.boot_all(&guest, &batch, timeout, &mut |k, res| {
+                    let i = todo[k];
+                    let (w, s) = jobs[i];
+                    if let Ok(b) = &res {
+                        if !reached_init(b) && tries[i] < BOOT_RETRIES {
+                            tries[i] += 1;
+                            eprintln!(
+                                "[compare] {} {} {} round {}: the guest did not reach /init ({}); booting again",
+                                e.name(),
+                                w.name,
+                                s.name(),
+                                round + 1,
+                                first_panic(b).unwrap_or("no panic line")
+                            );
+                            again.push(i);
+                            return;
+                        }
+                    }
+                    let mut rec = record(e.name(), s, w, round, &reqs[i].log, res, &mut mach);
+                    rec.retries = tries[i];
+                    n += 1;
+                    let eta = t0.elapsed().as_secs_f64() / n as f64 * (total - n) as f64;
+                    let what = match &rec.error {
+                        None => rec
+                            .metrics
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v:.3}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        Some(err) => format!("FAILED: {err}"),
+                    };
+                    eprintln!(
+                        "[compare {n}/{total}] {} {} {} round {}/{runs}: {what} (boot {:.1} s, ~{:.0} s left)",
+                        e.name(),
+                        w.name,
+                        s.name(),
+                        round + 1,
+                        rec.boot_s,
+                        eta
+                    );
+                    records.push(rec);
+                });
+                todo = again;
+            }
         }
     }
     let summary = summarize(&records, &wls);
@@ -385,6 +412,23 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
     Ok(results)
 }
 
+/// Boots of one measurement that never reached /init, made again before
+/// the measurement counts as failed.
+const BOOT_RETRIES: u32 = 2;
+
+/// True if the guest's /init ran (it prints `MILK-BOOT ...` first).
+fn reached_init(b: &Boot) -> bool {
+    b.console.iter().any(|l| l.contains("MILK-BOOT "))
+}
+
+/// The guest kernel's panic message, if it printed one.
+fn first_panic(b: &Boot) -> Option<&str> {
+    b.console.iter().find_map(|l| {
+        l.find("Kernel panic - not syncing: ")
+            .map(|at| &l[at + 28..])
+    })
+}
+
 /// The record of one boot's result.
 fn record(
     engine: &str,
@@ -405,6 +449,7 @@ fn record(
         fidelity: None,
         bridge: BTreeMap::new(),
         boot_s: 0.0,
+        retries: 0,
     };
     let boot = match res {
         Ok(b) => b,

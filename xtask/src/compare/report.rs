@@ -105,6 +105,13 @@ pub fn render_table(r: &Results, wls: &[Workload]) -> String {
             t.push('\n');
         }
     }
+    let retried: u32 = r.records.iter().map(|x| x.retries).sum();
+    if retried > 0 {
+        let _ = writeln!(
+            t,
+            "{retried} boot(s) did not reach /init (guest kernel panic at boot) and were made again.\n"
+        );
+    }
     let failed: Vec<&RunRecord> = r.records.iter().filter(|x| x.error.is_some()).collect();
     if !failed.is_empty() {
         let _ = writeln!(t, "Boots that did not count:");
@@ -231,6 +238,7 @@ mod tests {
             fidelity: None,
             bridge: BTreeMap::new(),
             boot_s: 1.0,
+            retries: 0,
         }
     }
 

@@ -164,6 +164,8 @@ pub struct RunRecord {
     pub bridge: BTreeMap<String, String>,
     /// Boot wall time, s.
     pub boot_s: f64,
+    /// Earlier boots of this measurement that never reached /init.
+    pub retries: u32,
 }
 
 /// Median and range.
@@ -321,6 +323,7 @@ mod tests {
             fidelity: None,
             bridge: BTreeMap::new(),
             boot_s: 1.0,
+            retries: 0,
         }
     }
 
