@@ -168,7 +168,13 @@ fn the_mix_counts_every_kind_and_rejects_bad_arguments() {
     assert!(text.contains("yields=0 forks="), "{text}");
     assert!(text.contains("yielders=0 forkers=1 pairs=0"), "{text}");
 
-    for bad in [&["-s", "0"][..], &["-s", "x"], &["-q"], &["-y", "17"], &["-d", "0"]] {
+    for bad in [
+        &["-s", "0"][..],
+        &["-s", "x"],
+        &["-q"],
+        &["-y", "17"],
+        &["-d", "0"],
+    ] {
         let out = Command::new(&path).args(bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }

@@ -120,6 +120,16 @@ pub struct Machine {
     pub commit: String,
     /// UTC start time.
     pub started: String,
+    /// `/proc/loadavg` (1, 5, 15 min) at the start.
+    pub load_start: String,
+    /// `/proc/loadavg` at the end.
+    pub load_end: String,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn cmd_line(prog: &str, args: &[&str]) -> String {
@@ -156,6 +166,8 @@ fn machine() -> Machine {
         guest_kernel: String::new(),
         commit: cmd_line("git", &["rev-parse", "--short=12", "HEAD"]),
         started: cmd_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        load_start: loadavg(),
+        load_end: String::new(),
     }
 }
 
@@ -373,6 +385,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
             }
         }
     }
+    mach.load_end = loadavg();
     let summary = summarize(&records, &wls);
     let results = Results {
         machine: mach,

@@ -47,8 +47,18 @@ pub fn render_table(r: &Results, wls: &[Workload]) -> String {
     let _ = writeln!(
         t,
         "\nScheduler comparison: {} round(s), medians [min-max]; x cfs = value / CFS's in the same round \
-         (median [min-max] of the per-round ratios)\n",
-        r.runs
+         (median [min-max] of the per-round ratios)\nhost {}, {} CPUs ({}), {}; guest {}; commit {}; \
+         started {}, load average {} at the start, {} at the end\n",
+        r.runs,
+        r.machine.host,
+        r.machine.cpus,
+        r.machine.cpu,
+        r.machine.qemu,
+        r.machine.guest_kernel,
+        r.machine.commit,
+        r.machine.started,
+        r.machine.load_start,
+        r.machine.load_end
     );
     let mut engines: Vec<&str> = Vec::new();
     for s in &r.summary {
