@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use engine::{bridge_counters, check_scheduler, guest_script};
 use engine::{engines, Boot, BootRequest, Engine, Guest, Scheduler};
@@ -101,10 +101,14 @@ pub struct CompareArgs {
     /// Print the results as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Boot nothing: rebuild the table and plots from a results.json of an
+    /// earlier run (its statistics are recomputed from its records).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub from: Option<PathBuf>,
 }
 
 /// Where and how the run was made.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// Host `uname -srm`.
     pub host: String,
@@ -121,8 +125,10 @@ pub struct Machine {
     /// UTC start time.
     pub started: String,
     /// `/proc/loadavg` (1, 5, 15 min) at the start.
+    #[serde(default)]
     pub load_start: String,
     /// `/proc/loadavg` at the end.
+    #[serde(default)]
     pub load_end: String,
 }
 
@@ -172,7 +178,7 @@ fn machine() -> Machine {
 }
 
 /// Everything `--json` prints and results.json holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// The machine.
     pub machine: Machine,
@@ -211,6 +217,28 @@ fn select<T: Clone>(
         .collect()
 }
 
+/// `--from`: the table and plots of a saved run.
+fn replot(args: &CompareArgs, file: &Path) -> Result<Results, CompareError> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| CompareError::Io(file.to_path_buf(), e))?;
+    let mut r: Results = serde_json::from_str(&text)?;
+    let wls: Vec<Workload> = workloads(r.quick)
+        .into_iter()
+        .filter(|w| r.workloads.contains_key(w.name))
+        .collect();
+    r.summary = summarize(&r.records, &wls);
+    let plots = args.plots.clone().unwrap_or_else(|| args.out.clone());
+    write_plots(&r, &wls, &plots)?;
+    let table = render_table(&r, &wls);
+    if args.json {
+        eprint!("{table}");
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(r)
+}
+
 /// The schedulers of `--schedulers`: listed names, or `milk:SPEC` with any
 /// policy spec `milk_policies::by_name` accepts (e.g. a parameter variant).
 fn select_schedulers(want: &[String]) -> Result<Vec<Scheduler>, CompareError> {
@@ -242,6 +270,9 @@ fn select_schedulers(want: &[String]) -> Result<Vec<Scheduler>, CompareError> {
 
 /// Runs the benchmark: boots, table, results.json, plots.
 pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
+    if let Some(file) = &args.from {
+        return replot(args, file);
+    }
     let runs = if args.quick { 1 } else { args.runs };
     if runs == 0 {
         return Err(CompareError::NoRuns);

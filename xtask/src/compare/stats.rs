@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_milk::metrics::Summary;
 use virtio_milk::protocol::AckStatus;
 
@@ -12,7 +12,7 @@ use super::workload::Workload;
 type FidelityColumn = (&'static str, fn(&Fidelity) -> Option<f64>);
 
 /// Fidelity counters of a milk run.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Fidelity {
     /// Guest: RUNs applied (`decisions_applied`).
     pub applied: u64,
@@ -56,7 +56,7 @@ fn pct(a: u64, b: u64) -> f64 {
 }
 
 /// The host runtime's counters the fidelity columns need.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct HostCounts {
     /// Decisions sent (RUN + PREEMPT).
     pub decisions: u64,
@@ -144,7 +144,7 @@ pub fn fidelity(guest: &BTreeMap<String, String>, host: Option<&HostCounts>) -> 
 }
 
 /// One boot's record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Engine name.
     pub engine: String,
@@ -165,11 +165,12 @@ pub struct RunRecord {
     /// Boot wall time, s.
     pub boot_s: f64,
     /// Earlier boots of this measurement that never reached /init.
+    #[serde(default)]
     pub retries: u32,
 }
 
 /// Median and range.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Spread {
     /// Median.
     pub median: f64,
@@ -203,7 +204,7 @@ pub fn spread(v: &[f64]) -> Option<Spread> {
 }
 
 /// One configuration's statistics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigSummary {
     /// Engine.
     pub engine: String,
