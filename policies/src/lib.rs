@@ -30,7 +30,7 @@ pub enum Error {
     #[error("bad policy spec {0:?}: expected NAME[:KEY=VALUE[,KEY=VALUE...]]")]
     Syntax(String),
     /// The policy has no such parameter.
-    #[error("policy {policy}: unknown parameter {param}")]
+    #[error("policy {policy} has no parameter {param:?}")]
     UnknownParam {
         /// Policy.
         policy: String,

@@ -14,7 +14,7 @@ pub type PolicyError = Error;
 pub struct Resolved {
     /// The policy name (`fifo`).
     pub name: String,
-    /// The string as given, normalised (`fifo:slice_us=2000`; just `fifo` without params).
+    /// The string as given, normalised (`rr:slice_us=2000`; just `fifo` without params).
     pub spec: String,
     /// Makes instances.
     pub factory: PolicyFactory,
@@ -29,7 +29,8 @@ impl std::fmt::Debug for Resolved {
     }
 }
 
-/// Version of the policy implementations (this crate's version).
+/// Version of the policy implementations (this crate's version; each policy also has its
+/// own in [`crate::PolicyInfo::version`]).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// The one-line description of policy `name` ("" if unknown).
