@@ -198,6 +198,32 @@ pub struct Metrics {
     pub injected: u64,
     /// Acks of injected decisions, by status (also included in `acks`).
     pub injected_acks: [u64; AckStatus::COUNT],
+    /// RUNs sent to a busy CPU (staged by the guest until its next dispatch).
+    pub decisions_staged: u64,
+    /// RUNs sent with F_PREEMPT.
+    pub decisions_run_preempt: u64,
+    /// Guests refused for speaking another protocol version.
+    pub version_refusals: u64,
+    /// Commitments given up after `ack_timeout` without an ack.
+    pub commit_timeouts: u64,
+    /// Commitments resolved by a CPU_IDLE / CPU_BUSY of their CPU (the guest moved on).
+    pub commits_resolved_by_cpu_event: u64,
+    /// OK acks of decisions no longer tracked (after a timeout or resolution).
+    pub late_ok_acks: u64,
+    /// TASK_FALLBACK records: the guest dispatched a task itself.
+    pub fallbacks_reported: u64,
+    /// TASK_DEPARTED records.
+    pub departed: u64,
+    /// TASK_NEW reusing the pid of a known task with another generation.
+    pub pid_reuse: u64,
+    /// Outcomes of decisions made by a policy swapped out since (not passed on).
+    pub stale_policy_outcomes: u64,
+    /// Decisions submitted for a policy epoch no longer installed (refused).
+    pub stale_policy_decisions: u64,
+    /// Policy timers fired.
+    pub timers_fired: u64,
+    /// CPU_TICK records.
+    pub ticks: u64,
 }
 
 impl Default for Metrics {
@@ -221,6 +247,19 @@ impl Default for Metrics {
             apply_latency: Histogram::default(),
             injected: 0,
             injected_acks: [0; AckStatus::COUNT],
+            decisions_staged: 0,
+            decisions_run_preempt: 0,
+            version_refusals: 0,
+            commit_timeouts: 0,
+            commits_resolved_by_cpu_event: 0,
+            late_ok_acks: 0,
+            fallbacks_reported: 0,
+            departed: 0,
+            pid_reuse: 0,
+            stale_policy_outcomes: 0,
+            stale_policy_decisions: 0,
+            timers_fired: 0,
+            ticks: 0,
         }
     }
 }
@@ -286,9 +325,11 @@ impl fmt::Display for Summary {
         writeln!(f, "{}", if sep == ", " { ")" } else { "" })?;
         writeln!(
             f,
-            "  decisions: {} (RUN {}, PREEMPT {})",
+            "  decisions: {} (RUN {} [staged {}, preempting {}], PREEMPT {})",
             m.decisions_run + m.decisions_preempt,
             m.decisions_run,
+            m.decisions_staged,
+            m.decisions_run_preempt,
             m.decisions_preempt
         )?;
         write!(f, "  acks:")?;
@@ -298,10 +339,23 @@ impl fmt::Display for Summary {
         writeln!(f)?;
         writeln!(
             f,
-            "  rejections: {}  guest fallbacks: {}",
+            "  rejections: {}  guest fallbacks: {} (reported {})",
             m.acks_total() - m.acks[AckStatus::Ok as usize],
-            m.guest_fallbacks
+            m.guest_fallbacks,
+            m.fallbacks_reported
         )?;
+        writeln!(
+            f,
+            "  commitments: {} timed out, {} resolved by cpu events, {} late OK acks",
+            m.commit_timeouts, m.commits_resolved_by_cpu_event, m.late_ok_acks
+        )?;
+        if m.version_refusals > 0 {
+            writeln!(
+                f,
+                "  refused guests (protocol version): {}",
+                m.version_refusals
+            )?;
+        }
         write!(
             f,
             "  protocol errors: {} malformed",

@@ -196,6 +196,8 @@ pub struct EngineStats {
     pub interrupts_suppressed: u64,
     /// Interrupt callbacks that returned an error.
     pub interrupt_errors: u64,
+    /// Protocol version of the latest record refused for its version (0: none yet).
+    pub last_bad_version: u8,
 }
 
 impl EngineStats {
@@ -424,6 +426,9 @@ impl<M: GuestMemory> QueueEngine<M> {
                                 out.push((cpu as u16, m));
                             }
                             Err(e) => {
+                                if let ProtoError::BadVersion(v) = e {
+                                    self.stats.last_bad_version = v;
+                                }
                                 self.stats.malformed[Malformed::from_proto(e) as usize] += 1;
                             }
                         }

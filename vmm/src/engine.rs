@@ -106,16 +106,11 @@ pub struct QemuMilkRun {
     pub summaries: Vec<virtio_milk::metrics::Summary>,
 }
 
-/// Checks that `policy` names a host policy (`milk_policies::names()`).
+/// Checks that `policy` is a valid host policy spec (`milk_policies::by_name`).
 pub fn check_policy(policy: &str) -> Result<(), VmmError> {
-    if milk_policies::names().contains(&policy) {
-        Ok(())
-    } else {
-        Err(VmmError::InvalidConfig(format!(
-            "unknown --policy {policy:?} (known: {})",
-            milk_policies::names().join(", ")
-        )))
-    }
+    milk_policies::by_name(policy)
+        .map(|_| ())
+        .map_err(|e| VmmError::InvalidConfig(format!("--policy {policy:?}: {e}")))
 }
 
 /// Runs the guest of `config` under QEMU TCG with the virtio-milk device

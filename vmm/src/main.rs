@@ -99,9 +99,11 @@ fn new_vm(
     if let Some(name) = policy {
         let name = name.to_owned();
         let factory: virtio_milk::device::PolicyFactory = Box::new(move || {
-            // Checked against milk_policies::names() before the VM starts.
-            milk_policies::by_name(&name)
-                .unwrap_or_else(|| Box::new(milk_policies::Fifo::default()))
+            // Checked with milk_policies::by_name before the VM starts.
+            milk_policies::by_name(&name).unwrap_or_else(|e| {
+                log::error!("{e}; using fifo");
+                Box::new(milk_policies::Fifo::default())
+            })
         });
         let (dev, s) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
             cpus,

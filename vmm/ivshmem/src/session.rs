@@ -32,7 +32,7 @@ use crate::transport::{IvshmemTransport, TransportConfig, TransportError, Transp
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// No policy of that name.
-    #[error("unknown policy {0:?} (known: {1})")]
+    #[error("policy {0:?} refused: {1}")]
     UnknownPolicy(String, String),
     /// The device refused its configuration or a control request.
     #[error(transparent)]
@@ -54,7 +54,7 @@ pub enum SessionError {
 /// A policy by registry name, or [`SessionError::UnknownPolicy`].
 pub fn policy_by_name(name: &str) -> Result<Box<dyn Policy>, SessionError> {
     milk_policies::by_name(name)
-        .ok_or_else(|| SessionError::UnknownPolicy(name.into(), milk_policies::names().join(", ")))
+        .map_err(|e| SessionError::UnknownPolicy(name.into(), e.to_string()))
 }
 
 /// A control handle plus the name-based policy swap that persists across
@@ -172,8 +172,10 @@ impl MilkHost {
             let current = n2.lock().unwrap_or_else(|e| e.into_inner()).clone();
             // The name was resolved when it was set; fall back to FIFO if the
             // registry changed under us.
-            milk_policies::by_name(&current)
-                .unwrap_or_else(|| Box::new(milk_policies::Fifo::default()))
+            milk_policies::by_name(&current).unwrap_or_else(|e| {
+                log::error!("{e}; using fifo");
+                Box::new(milk_policies::Fifo::default())
+            })
         });
         let dev = MilkDevice::new(cpus, factory, runtime)?;
         let backend = MilkBackend::new(dev);
@@ -358,7 +360,7 @@ mod tests {
         assert!(!ctl.pause().unwrap());
         assert!(!ctl.resume().unwrap());
         assert!(ctl.snapshot().is_none());
-        assert!(!ctl.inject_decisions(&[RawDecision::run(1, 0, 1)]));
+        assert!(!ctl.inject_decisions(&[RawDecision::run_pid(1, 0, 1)]));
         assert!(ctl.swap_policy("nope").is_err());
         assert_eq!(ctl.policy_name(), "fifo");
         ctl.swap_policy("fifo").unwrap();

@@ -222,7 +222,7 @@ mod virtio_milk_guest {
     use milk_ivshmem::milk::MilkBackend;
     use milk_ivshmem::{IvshmemTransport, TransportConfig};
     use virtio_milk::device::MilkDevice;
-    use virtio_milk::policy::{Decision, Pid, Policy, PolicyEvent, SchedView, TaskState};
+    use virtio_milk::policy::{Dispatcher, Gtid, Policy, PolicyEvent, SchedView, TaskState};
     use virtio_milk::runtime::RuntimeConfig;
 
     use super::kconfig_has;
@@ -230,7 +230,7 @@ mod virtio_milk_guest {
     /// Runs the oldest runnable task on each free CPU it may use.
     #[derive(Default)]
     struct TinyFifo {
-        q: VecDeque<Pid>,
+        q: VecDeque<Gtid>,
     }
 
     impl Policy for TinyFifo {
@@ -242,34 +242,31 @@ mod virtio_milk_guest {
                 .tasks
                 .values()
                 .filter(|t| t.state == TaskState::Runnable)
-                .map(|t| t.pid)
+                .map(|t| t.gtid)
                 .collect();
         }
         fn on_event(&mut self, ev: &PolicyEvent, _: &SchedView) {
             match *ev {
-                PolicyEvent::TaskRunnable { pid, .. } if !self.q.contains(&pid) => {
-                    self.q.push_back(pid)
+                PolicyEvent::TaskRunnable { gtid, .. } if !self.q.contains(&gtid) => {
+                    self.q.push_back(gtid)
                 }
-                PolicyEvent::TaskBlocked(pid) | PolicyEvent::TaskDead(pid) => {
-                    self.q.retain(|&p| p != pid)
+                PolicyEvent::TaskBlocked { gtid, .. } | PolicyEvent::TaskDead(gtid) => {
+                    self.q.retain(|&p| p != gtid)
                 }
                 _ => {}
             }
         }
-        fn schedule(&mut self, view: &SchedView, out: &mut Vec<Decision>) {
-            let free: Vec<u16> = view.free_cpus().collect();
+        fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+            let free: Vec<u16> = d.view().free_cpus().collect();
             for cpu in free {
+                let view = d.view();
                 let pick = self.q.iter().position(|&p| {
                     view.task(p)
                         .is_some_and(|t| t.state == TaskState::Runnable && t.allows(cpu))
                 });
                 if let Some(i) = pick {
-                    if let Some(pid) = self.q.remove(i) {
-                        out.push(Decision::Run {
-                            pid,
-                            cpu,
-                            slice_ns: 0,
-                        });
+                    if let Some(gtid) = self.q.remove(i) {
+                        let _ = d.run(gtid, cpu, 0);
                     }
                 }
             }
