@@ -1,11 +1,9 @@
-//! Engine selection: KVM when it can run a standard guest, otherwise QEMU TCG
-//! through `milk-harness`, with the same kernel, initramfs and command line.
+//! Engine selection: KVM (milk-vmm's own VMM) when it can run a standard guest,
+//! otherwise QEMU TCG, with the same kernel, initramfs and command line.
 
 use std::path::Path;
-use std::time::Duration;
 
-use crate::error::VmmError;
-use crate::vmm::VmConfig;
+use crate::error::LaunchError;
 
 /// Engine requested on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +37,16 @@ pub enum Engine {
     Qemu,
 }
 
+impl Engine {
+    /// Lower-case name (`kvm`, `qemu`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Kvm => "kvm",
+            Engine::Qemu => "qemu",
+        }
+    }
+}
+
 /// Probes /dev/kvm and the kvm_pvm module.
 pub fn detect_kvm() -> KvmSupport {
     detect_kvm_at(Path::new("/dev/kvm"), Path::new("/sys/module/kvm_pvm"))
@@ -60,7 +68,7 @@ pub fn detect_kvm_at(dev: &Path, pvm_module: &Path) -> KvmSupport {
 pub fn choose_engine(
     choice: EngineChoice,
     support: &KvmSupport,
-) -> Result<(Engine, Option<String>), VmmError> {
+) -> Result<(Engine, Option<String>), LaunchError> {
     match (choice, support) {
         (EngineChoice::Qemu, _) => Ok((Engine::Qemu, Some("engine: QEMU TCG (requested)".into()))),
         (EngineChoice::Auto, KvmSupport::Standard) | (EngineChoice::Kvm, KvmSupport::Standard) => {
@@ -88,88 +96,10 @@ pub fn choose_engine(
                     .into(),
             ),
         )),
-        (EngineChoice::Kvm, KvmSupport::Missing(why)) => Err(VmmError::KvmUnavailable(why.clone())),
-    }
-}
-
-/// Largest guest RAM with virtio-milk under QEMU: the host maps the whole RAM
-/// file to reach the vrings, and the ivshmem transport addresses RAM below the
-/// PCI hole only.
-pub const QEMU_MILK_MAX_MEMORY_MIB: u32 = 3072;
-
-/// A host policy run under QEMU: the guest's result and the host summaries.
-#[derive(Debug)]
-pub struct QemuMilkRun {
-    /// The guest's `MILK-RESULT` status.
-    pub result: Option<i32>,
-    /// One summary per host runtime run (normally exactly one).
-    pub summaries: Vec<virtio_milk::metrics::Summary>,
-}
-
-/// Checks that `policy` is a valid host policy spec (`milk_policies::by_name`).
-pub fn check_policy(policy: &str) -> Result<(), VmmError> {
-    milk_policies::by_name(policy)
-        .map(|_| ())
-        .map_err(|e| VmmError::InvalidConfig(format!("--policy {policy:?}: {e}")))
-}
-
-/// Runs the guest of `config` under QEMU TCG with the virtio-milk device
-/// (over ivshmem) served by the host policy `policy`.
-pub fn run_qemu_milk(config: &VmConfig, policy: &str) -> Result<QemuMilkRun, VmmError> {
-    check_policy(policy)?;
-    if config.memory_mib > QEMU_MILK_MAX_MEMORY_MIB {
-        return Err(VmmError::InvalidConfig(format!(
-            "--memory {} MiB: with --policy under QEMU the host maps guest RAM, at most {} MiB",
-            config.memory_mib, QEMU_MILK_MAX_MEMORY_MIB
-        )));
-    }
-    let cfg = milk_ivshmem::session::MilkGuestConfig::new(harness_spec(config), policy);
-    let echo = config.echo_console;
-    let run = milk_ivshmem::session::run_milk_guest(&cfg, &mut |line, _ctl| {
-        if echo {
-            println!("{line}");
+        (EngineChoice::Kvm, KvmSupport::Missing(why)) => {
+            Err(LaunchError::KvmUnavailable(why.clone()))
         }
-    })?;
-    log::info!(
-        "QEMU guest with virtio-milk ended after {:?} (qemu status {:?}); transport {:?}",
-        run.outcome.elapsed,
-        run.outcome.qemu_status,
-        run.device
-    );
-    Ok(QemuMilkRun {
-        result: run.status(),
-        summaries: run.summaries,
-    })
-}
-
-fn harness_spec(config: &VmConfig) -> milk_harness::GuestSpec {
-    let mut spec = milk_harness::GuestSpec::new(&config.kernel);
-    spec.initrd = config.initrd.clone();
-    spec.cmdline = config.cmdline.clone();
-    spec.cpus = config.cpus;
-    spec.memory_mib = config.memory_mib;
-    // The harness needs a limit; without --timeout use one day.
-    spec.timeout = config.timeout.unwrap_or(Duration::from_secs(24 * 3600));
-    spec.serial_log = config.serial_log.clone();
-    spec
-}
-
-/// Runs the guest of `config` under QEMU TCG; returns the guest's result
-/// status, if it printed one.
-pub fn run_qemu(config: &VmConfig) -> Result<Option<i32>, VmmError> {
-    let spec = harness_spec(config);
-    let echo = config.echo_console;
-    let outcome = milk_harness::run_qemu(&spec, &mut |line| {
-        if echo {
-            println!("{line}");
-        }
-    })?;
-    log::info!(
-        "QEMU guest ended after {:?} (qemu status {:?})",
-        outcome.elapsed,
-        outcome.qemu_status
-    );
-    Ok(outcome.result.map(|r| r.status))
+    }
 }
 
 #[cfg(test)]
@@ -208,27 +138,6 @@ mod tests {
             choose_engine(Qemu, &KvmSupport::Standard).unwrap().0,
             Engine::Qemu
         );
-    }
-
-    #[test]
-    fn policies_are_checked_by_name() {
-        assert!(check_policy("fifo").is_ok());
-        let e = check_policy("nope").unwrap_err();
-        assert_eq!(e.exit_code(), 64);
-        assert!(e.to_string().contains("fifo"), "{e}");
-    }
-
-    #[test]
-    fn milk_under_qemu_refuses_large_memory_before_starting() {
-        let dir = tempfile::tempdir().unwrap();
-        let k = dir.path().join("k");
-        std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
-        let mut c = VmConfig::new(&k);
-        c.memory_mib = QEMU_MILK_MAX_MEMORY_MIB + 1;
-        let e = run_qemu_milk(&c, "fifo").unwrap_err();
-        assert_eq!(e.exit_code(), 64);
-        assert!(e.to_string().contains("at most 3072 MiB"), "{e}");
-        assert_eq!(run_qemu_milk(&c, "nope").unwrap_err().exit_code(), 64);
     }
 
     #[test]
