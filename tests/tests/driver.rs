@@ -66,11 +66,11 @@ fn guest_spec(script: &str) -> GuestSpec {
 const PRINT_DRIVER: &str = "for f in /sys/bus/virtio/drivers/virtio_milk/virtio*/milk/*;do \
 echo MILKD ${f##*/}=$(cat $f);done;";
 
-/// Prints, per CPU n, the decision vector's IRQ, affinity, effective
-/// affinity and per-CPU counts from /proc/interrupts.
-const PRINT_IRQS: &str = "for n in 0 1;do l=$(grep decisions.$n\\$ /proc/interrupts);\
-set -- $l;i=${1%:};echo MILKI cpu=$n irq=$i aff=$(cat /proc/irq/$i/smp_affinity_list) \
-eff=$(cat /proc/irq/$i/effective_affinity_list) on0=$2 on1=$3;done;";
+/// Prints, per decision vector, its IRQ, per-CPU counts (/proc/interrupts,
+/// two CPUs), name, affinity and effective affinity.
+const PRINT_IRQS: &str = "grep decisions /proc/interrupts|while read i a b r;do i=${i%:};\
+echo MILKI irq=$i on0=$a on1=$b name=${r##* } aff=$(cat /proc/irq/$i/smp_affinity_list) \
+eff=$(cat /proc/irq/$i/effective_affinity_list);done;";
 
 /// Waits (up to 10 s) until the bridge reports `enabled`.
 const WAIT_ENABLED: &str = "i=0;while [ $(cat /sys/kernel/milk/state) != enabled ]\
@@ -257,7 +257,11 @@ fn decision_interrupts_are_affine_to_their_cpu() {
         .collect();
     assert_eq!(lines.len(), CPUS as usize, "IRQ lines: {lines:?}");
     for f in &lines {
-        let cpu = num(f, "cpu");
+        let cpu: u64 = f
+            .get("name")
+            .and_then(|n| n.strip_prefix("decisions."))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not a decision vector: {f:?}"));
         assert_eq!(num(f, "aff"), cpu, "affinity of decisions.{cpu}: {f:?}");
         assert_eq!(
             num(f, "eff"),
