@@ -1,10 +1,10 @@
 //! milk-policies: host-side scheduling policies for MiLK.
 //!
 //! Each policy implements [`virtio_milk::policy::Policy`]. Pick one with
-//! [`by_name`]`("NAME[:KEY=VALUE,...]")`; [`resolve`] turns the same string into a policy
-//! factory (what `milk-vmm --policy` and `milkctl swap` use); [`list`] describes every
-//! shipped policy with its version and parameters. Unknown names and bad parameters are
-//! errors, never a silent fallback.
+//! [`by_name`]`("NAME[:KEY=VALUE,...]")` (what `milk-vmm --policy` does); [`list`] describes
+//! every shipped policy with its version and parameters. Unknown names and bad parameters
+//! are errors, never a silent fallback. [`resolve`] turns a spec into a policy factory
+//! (what `milk-vmm --policy` and `milkctl swap` use).
 
 use virtio_milk::policy::Policy;
 

@@ -1,13 +1,13 @@
-//! Policies by spec for controllers: [`resolve`] turns `NAME[:KEY=VALUE,...]` into a policy
-//! factory (what `milk-vmm --policy` and `milkctl swap` use). Parsing and validation are
-//! [`crate::by_name`]'s: unknown names, unknown parameters and bad values are errors;
-//! nothing falls back to another policy.
+//! Policy factories from `NAME[:PARAMS]` strings: what `milk-vmm --policy`, the control
+//! socket's `swap` and the ivshmem session use. Parsing and validation are [`crate::by_name`]'s
+//! (one registry, [`crate::list`]); this module only turns a validated spec into a factory
+//! that makes fresh instances of the same policy with the same parameters.
 
 use virtio_milk::device::PolicyFactory;
 
 use crate::{by_name, list, Error, Spec};
 
-/// Why a policy string was refused (the registry's [`Error`]).
+/// Why a policy string was refused (the registry's error).
 pub type PolicyError = Error;
 
 /// A resolved policy string.
@@ -33,7 +33,7 @@ impl std::fmt::Debug for Resolved {
 /// own in [`crate::PolicyInfo::version`]).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// One line per policy for listings: description and parameters.
+/// The one-line description of policy `name` ("" if unknown).
 pub fn describe(name: &str) -> &'static str {
     list()
         .iter()
@@ -41,24 +41,28 @@ pub fn describe(name: &str) -> &'static str {
         .map_or("", |p| p.description)
 }
 
-/// Resolves `NAME[:PARAMS]`. See the module documentation.
-pub fn resolve(spec: &str) -> Result<Resolved, PolicyError> {
-    // Validates name and parameters once; the factory repeats exactly this call.
+/// Resolves `NAME[:PARAMS]`: unknown names, unknown parameters and bad values are errors.
+pub fn resolve(spec: &str) -> Result<Resolved, Error> {
+    let parsed = Spec::parse(spec)?;
+    // Building one instance runs every check the policy makes on its parameters.
     by_name(spec)?;
-    let s = Spec::parse(spec)?;
-    let canon = if s.params.is_empty() {
-        s.name.clone()
+    let canon = if parsed.params.is_empty() {
+        parsed.name.clone()
     } else {
-        let p: Vec<String> = s.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{}:{}", s.name, p.join(","))
+        let p: Vec<String> = parsed
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!("{}:{}", parsed.name, p.join(","))
     };
-    let c = canon.clone();
+    let again = canon.clone();
     let factory: PolicyFactory = Box::new(move || {
-        // by_name is deterministic and `c` was accepted above.
-        by_name(&c).expect("a resolved policy spec builds")
+        // by_name is a pure function of the spec, which was accepted above.
+        by_name(&again).expect("a spec accepted once is accepted again")
     });
     Ok(Resolved {
-        name: s.name,
+        name: parsed.name,
         spec: canon,
         factory,
     })
@@ -67,20 +71,33 @@ pub fn resolve(spec: &str) -> Result<Resolved, PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names;
 
     #[test]
-    fn resolves_to_factories_and_refuses_bad_specs() {
-        let r = resolve(" rr:slice_us=500 , guest_slice_us=9000").unwrap();
-        assert_eq!(r.name, "rr");
-        assert_eq!(r.spec, "rr:slice_us=500,guest_slice_us=9000");
-        assert_eq!((r.factory)().name(), "rr");
-        assert_eq!(resolve("fifo").unwrap().spec, "fifo");
-        assert!(matches!(resolve("nope"), Err(Error::UnknownPolicy(_))));
+    fn names_and_params_resolve() {
+        for n in names() {
+            let r = resolve(n).unwrap();
+            assert_eq!(r.spec, n);
+            assert_eq!((r.factory)().name(), n);
+            assert!(!describe(n).is_empty());
+        }
+        let r = resolve(" fifo:slice_us=2000 ").unwrap();
+        assert_eq!(r.name, "fifo");
+        assert_eq!(r.spec, "fifo:slice_us=2000");
+        assert_eq!((r.factory)().name(), "fifo");
+    }
+
+    #[test]
+    fn nothing_falls_back() {
+        let e = resolve("nope").unwrap_err();
+        assert!(matches!(e, Error::UnknownPolicy(ref name) if name == "nope"));
+        assert!(e.to_string().contains("fifo"), "{e}");
         assert!(matches!(
-            resolve("fifo:slice_us=x"),
-            Err(Error::BadValue { .. })
+            resolve("fifo:quantum=3"),
+            Err(Error::UnknownParam { .. })
         ));
-        assert!(!describe("fifo").is_empty());
+        assert!(matches!(resolve("fifo:slice_us"), Err(Error::Syntax(_))));
+        assert!(resolve("").is_err());
         assert_eq!(describe("nope"), "");
     }
 }

@@ -583,6 +583,16 @@ impl<M: GuestMemory> QueueEngine<M> {
         }
     }
 
+    /// Take every decision still waiting for a guest buffer, as `(cpu, record)` in queue
+    /// order per CPU (e.g. to keep some and [`Self::push_decision`] them back).
+    pub fn take_backlog(&mut self) -> Vec<(u16, [u8; RECORD_SIZE])> {
+        let mut out = Vec::with_capacity(self.backlog_len());
+        for (cpu, b) in self.backlog.iter_mut().enumerate() {
+            out.extend(b.drain(..).map(|r| (cpu as u16, r)));
+        }
+        out
+    }
+
     /// Drop every decision still waiting for a guest buffer; returns how many.
     pub fn clear_backlog(&mut self) -> usize {
         let n = self.backlog_len();

@@ -32,7 +32,7 @@ fn wake(pid: u32) -> [u8; RECORD_SIZE] {
         EventInfo {
             gtid: Gtid::new(pid, 1),
             seq: 1,
-            ..Default::default()
+            ..EventInfo::default()
         },
     )
     .encode()
