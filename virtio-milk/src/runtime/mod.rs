@@ -79,7 +79,7 @@ impl Default for RuntimeConfig {
             hello_on_start: true,
             goodbye_on_stop: true,
             ack_timeout: Duration::from_millis(3 * u64::from(DEFAULT_HEARTBEAT_MS)),
-            ack_grace: Duration::from_millis(20),
+            ack_grace: Duration::from_millis(u64::from(DEFAULT_HEARTBEAT_MS)),
             max_staged: 2,
         }
     }
