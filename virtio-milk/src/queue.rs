@@ -47,6 +47,18 @@ pub struct QueueConfig {
     pub used_ring: u64,
 }
 
+/// Device-side position of one split virtqueue: the next available entry the device will
+/// read and the next used entry it will write. virtio-milk completes every chain as soon as
+/// it pops it, in order, so between two engine calls both are equal to the used ring's `idx`
+/// in guest memory (which is how a crashed device's position is recovered).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingState {
+    /// Next avail ring entry to read.
+    pub next_avail: u16,
+    /// Next used ring entry to write.
+    pub next_used: u16,
+}
+
 /// How the engine signals the driver that a queue has used buffers (irqfd, MSI-X, ...).
 pub trait Interrupt: Send {
     /// Signal used buffers on queue `queue_index`.
@@ -311,6 +323,37 @@ impl<M: GuestMemory> QueueEngine<M> {
             stats: EngineStats::default(),
             buf: vec![0u8; max_batch * RECORD_SIZE],
         })
+    }
+
+    /// Ring positions of every queue, by queue index (see [`RingState`]).
+    pub fn ring_state(&self) -> Vec<RingState> {
+        (0..self.events.len() * 2)
+            .map(|i| {
+                let q = if i % 2 == 0 {
+                    &self.events[i / 2]
+                } else {
+                    &self.decisions[i / 2]
+                };
+                RingState {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                }
+            })
+            .collect()
+    }
+
+    /// Continue from ring positions another engine exported (by queue index); entries past
+    /// the number of queues are ignored.
+    pub fn set_ring_state(&mut self, state: &[RingState]) {
+        for (i, st) in state.iter().enumerate().take(self.events.len() * 2) {
+            let q = if i % 2 == 0 {
+                &mut self.events[i / 2]
+            } else {
+                &mut self.decisions[i / 2]
+            };
+            q.set_next_avail(st.next_avail);
+            q.set_next_used(st.next_used);
+        }
     }
 
     /// Number of CPUs served.

@@ -169,6 +169,27 @@ impl Control {
     }
 }
 
+/// The part of a runtime that a runtime in another process needs to continue the same
+/// session without the guest noticing more than a pause (a planned hand-over between
+/// vhost-user backends): session, task and CPU tables, and the RUNs still in flight.
+#[derive(Clone, Debug, Default)]
+pub struct SessionState {
+    /// Session id the guest knows (0: none).
+    pub session_id: u64,
+    /// The guest echoed that session's HELLO.
+    pub established: bool,
+    /// Task and CPU tables.
+    pub view: SchedView,
+    /// Last cookie handed out.
+    pub cookie: u64,
+    /// Cookie of the RUN each CPU is committed to (0: none).
+    pub inflight: Vec<u64>,
+    /// When each of those RUNs was queued (host monotonic ns).
+    pub inflight_ns: Vec<u64>,
+    /// Heartbeats sent in this session.
+    pub heartbeats: u64,
+}
+
 /// A policy runtime bound to one queue engine.
 pub struct Runtime<M: GuestMemory> {
     engine: QueueEngine<M>,
@@ -249,6 +270,45 @@ impl<M: GuestMemory> Runtime<M> {
     /// Name of the active policy.
     pub fn policy_name(&self) -> &str {
         self.policy.name()
+    }
+
+    /// What another runtime needs to continue this session (see [`SessionState`]).
+    pub fn session_state(&self) -> SessionState {
+        SessionState {
+            session_id: self.session_id,
+            established: self.established,
+            view: self.view.clone(),
+            cookie: self.cookie,
+            inflight: self.inflight.clone(),
+            inflight_ns: self.inflight_ns.clone(),
+            heartbeats: self.heartbeats,
+        }
+    }
+
+    /// Continue the session another runtime exported: its tables replace ours, the policy
+    /// attaches to them, and the guest gets a HELLO with the same session id and our policy
+    /// name, exactly as after an in-process swap. Run it with `hello_on_start` off.
+    pub fn resume_session(&mut self, state: SessionState) {
+        let n = self.view.cpus.len();
+        if state.view.cpus.len() != n || state.inflight.len() != n || state.inflight_ns.len() != n {
+            log::warn!("session state for another cpu count: starting a new session");
+            self.start_session();
+            return;
+        }
+        self.session_id = state.session_id;
+        self.established = state.established;
+        self.view = state.view;
+        self.cookie = state.cookie;
+        self.inflight = state.inflight;
+        self.inflight_ns = state.inflight_ns;
+        self.heartbeats = state.heartbeats;
+        self.policy.attach(&self.view);
+        if self.session_id != 0 {
+            let hello = Message::Hello(self.session_record(0));
+            self.send_session(hello);
+        }
+        self.schedule();
+        self.engine.flush();
     }
 
     /// Give the engine back (e.g. to start another runtime on the same queues).

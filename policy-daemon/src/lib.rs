@@ -1,0 +1,16 @@
+//! virtio-milk over vhost-user.
+//!
+//! - [`backend`]: [`backend::MilkBackend`], the `milk-policy` daemon's vhost-user backend: it
+//!   owns the virtio-milk queues and runs one policy with virtio-milk's runtime.
+//! - [`frontend`]: what milk-vmm uses to drive such a daemon: connect, start the rings,
+//!   stop them and hand them to another daemon (planned swap), notice a daemon that hung
+//!   up and reconnect, recovering ring positions from guest memory.
+//! - [`state`]: the device state handed from one daemon to the next in a planned swap.
+//!
+//! See `docs/vhost-user.md`.
+
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod frontend;
+pub mod state;
