@@ -158,6 +158,7 @@ pub struct Link {
     fe: Frontend,
     path: PathBuf,
     config: Vec<u8>,
+    features: u64,
 }
 
 impl Link {
@@ -208,12 +209,23 @@ impl Link {
             fe,
             path: path.to_owned(),
             config,
+            features: features & !VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
         })
     }
 
     /// The daemon's socket path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The virtio features the daemon offers (without vhost-user's own bit).
+    pub fn device_features(&self) -> u64 {
+        self.features
+    }
+
+    /// The daemon's CPU count (from its config space).
+    pub fn num_cpus(&self) -> Option<u32> {
+        Config::from_slice(&self.config).map(|c| u32::from(c.num_cpus))
     }
 
     /// The daemon's virtio-milk config space.
@@ -464,7 +476,18 @@ impl MilkFrontend {
         dev: DeviceSetup,
         goodbye_on_hangup: bool,
     ) -> Result<Self, FrontendError> {
-        let mut link = Link::connect(path, dev.rings.len())?;
+        let link = Link::connect(path, dev.rings.len())?;
+        Self::start_on(link, dev, goodbye_on_hangup)
+    }
+
+    /// Start the rings of `dev` on an already connected daemon.
+    pub fn start_on(
+        mut link: Link,
+        dev: DeviceSetup,
+        goodbye_on_hangup: bool,
+    ) -> Result<Self, FrontendError> {
+        let path = link.path().to_owned();
+        let path = path.as_path();
         check_config(&link, &dev)?;
         let bases = dev.ring_bases_from_memory();
         link.start(&dev, &bases, None)?;
@@ -579,12 +602,18 @@ impl MilkFrontend {
         })
     }
 
-    /// Stop the rings on the daemon and disconnect (device reset or VM end).
+    /// Stop the rings on the daemon and disconnect (VM end).
     pub fn stop(mut self) {
-        self.shutdown();
+        drop(self.detach_link());
     }
 
-    fn shutdown(&mut self) {
+    /// Stop the supervisor and the rings (device reset) but keep the connection for the
+    /// next activation; `None` if no daemon is connected.
+    pub fn detach(mut self) -> Option<Link> {
+        self.detach_link()
+    }
+
+    fn detach_link(&mut self) -> Option<Link> {
         self.shared.stop.store(true, Ordering::Release);
         let _ = self.shared.wake.write(1);
         if let Some(t) = self.thread.take() {
@@ -592,18 +621,21 @@ impl MilkFrontend {
         }
         let mut st = self.shared.lock();
         let n = st.dev.rings.len();
-        if let Some(mut l) = st.link.take() {
-            if let Err(e) = l.stop(n) {
+        st.status.connected = false;
+        let mut l = st.link.take()?;
+        match l.stop(n) {
+            Ok(_) => Some(l),
+            Err(e) => {
                 log::debug!("stopping the daemon's rings: {e}");
+                None
             }
         }
-        st.status.connected = false;
     }
 }
 
 impl Drop for MilkFrontend {
     fn drop(&mut self) {
-        self.shutdown();
+        drop(self.detach_link());
     }
 }
 

@@ -5,6 +5,7 @@
 //! - [`frontend`]: what milk-vmm uses to drive such a daemon: connect, start the rings,
 //!   stop them and hand them to another daemon (planned swap), notice a daemon that hung
 //!   up and reconnect, recovering ring positions from guest memory.
+//! - [`daemon`]: bind a socket and serve one frontend (what `milk-policy` runs).
 //! - [`state`]: the device state handed from one daemon to the next in a planned swap.
 //!
 //! See `docs/vhost-user.md`.
@@ -12,5 +13,6 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod daemon;
 pub mod frontend;
 pub mod state;

@@ -2,16 +2,13 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use milk_policy_daemon::backend::{BackendConfig, BackendEvent, MilkBackend};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
+use milk_policy_daemon::daemon::{self, DaemonError};
 use virtio_milk::metrics::Summary;
 use virtio_milk::runtime::RuntimeConfig;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -47,26 +44,14 @@ struct Cli {
     json: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-enum DaemonError {
-    #[error(transparent)]
-    Backend(#[from] milk_policy_daemon::backend::BackendError),
-    #[error("cannot listen on {path}: {err}")]
-    Listen { path: PathBuf, err: String },
-    #[error("vhost-user daemon: {0}")]
-    Daemon(String),
-}
-
-impl DaemonError {
-    fn code(&self) -> u8 {
-        match self {
-            DaemonError::Backend(_) => 64,
-            _ => 70,
-        }
+fn code(e: &DaemonError) -> u8 {
+    match e {
+        DaemonError::Backend(_) => 64,
+        _ => 70,
     }
 }
 
-fn report_json(backend: &MilkBackend, policy: &str, socket: &PathBuf) -> String {
+fn report_json(backend: &MilkBackend, policy: &str, socket: &std::path::Path) -> String {
     let runs: Vec<serde_json::Value> = backend.summaries().iter().map(summary_json).collect();
     let events: Vec<serde_json::Value> = backend
         .events()
@@ -112,21 +97,14 @@ fn run(cli: &Cli) -> Result<(), DaemonError> {
         heartbeat: (cli.heartbeat_ms > 0).then(|| Duration::from_millis(cli.heartbeat_ms)),
         ..RuntimeConfig::default()
     };
-    let backend = Arc::new(MilkBackend::new(BackendConfig {
-        num_cpus: cli.cpus,
-        policy: cli.policy.clone(),
-        runtime,
-    })?);
-    let mut listener = Listener::new(&cli.socket, true).map_err(|e| DaemonError::Listen {
-        path: cli.socket.clone(),
-        err: e.to_string(),
-    })?;
-    let mut daemon = VhostUserDaemon::new(
-        "milk-policy".into(),
-        backend.clone(),
-        GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-    )
-    .map_err(|e| DaemonError::Daemon(e.to_string()))?;
+    let listening = daemon::listen(
+        &cli.socket,
+        BackendConfig {
+            num_cpus: cli.cpus,
+            policy: cli.policy.clone(),
+            runtime,
+        },
+    )?;
     // The ready line: tests and scripts wait for it.
     println!(
         "milk-policy: listening on {} (policy {}, {} cpus, pid {})",
@@ -135,17 +113,7 @@ fn run(cli: &Cli) -> Result<(), DaemonError> {
         cli.cpus,
         std::process::id()
     );
-    daemon
-        .start(&mut listener)
-        .map_err(|e| DaemonError::Daemon(e.to_string()))?;
-    log::info!("frontend connected");
-    let res = daemon.wait();
-    // Frontend gone: a runtime still running tells the guest GOODBYE.
-    backend.shutdown();
-    drop(daemon);
-    if let Err(e) = res {
-        log::warn!("connection ended: {e}");
-    }
+    let backend = listening.serve_one()?;
     if cli.json {
         println!("{}", report_json(&backend, &cli.policy, &cli.socket));
     } else {
@@ -163,7 +131,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("milk-policy: {e}");
-            ExitCode::from(e.code())
+            ExitCode::from(code(&e))
         }
     }
 }

@@ -95,6 +95,9 @@ pub enum VmmError {
     /// The virtio-milk device under KVM failed.
     #[error("virtio-milk device: {0}")]
     MilkDevice(#[from] virtio_milk::device::DeviceError),
+    /// The out-of-process policy (--policy-socket) is unreachable or unusable.
+    #[error("policy daemon: {0}")]
+    PolicyDaemon(#[from] crate::devices::virtio::vhost_user::VhostUserDeviceError),
 }
 
 impl From<milk_ivshmem::session::SessionError> for VmmError {
@@ -130,7 +133,7 @@ impl VmmError {
                 exit_code::NO_INPUT
             }
             VmmError::Boot(_) => exit_code::DATA,
-            VmmError::KvmUnavailable(_) => exit_code::UNAVAILABLE,
+            VmmError::KvmUnavailable(_) | VmmError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
             VmmError::SerialLog { .. } => exit_code::CANT_CREATE,
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE

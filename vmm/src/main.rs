@@ -63,6 +63,12 @@ struct Cli {
     /// this policy; a summary is printed at exit.
     #[arg(long, value_name = "NAME", long_help = policy_help())]
     policy: Option<String>,
+    /// Out-of-process policy: attach the virtio-milk device and hand its queues to the
+    /// `milk-policy` daemon listening on this vhost-user socket (KVM engine). A daemon
+    /// that dies is noticed, the guest falls back to CFS, and a daemon started again on
+    /// the same path is reconnected.
+    #[arg(long, value_name = "PATH", conflicts_with = "policy")]
+    policy_socket: Option<PathBuf>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -88,11 +94,16 @@ fn new_vm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
+    policy_socket: Option<&std::path::Path>,
 ) -> Result<(Vm, Summaries), milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
         let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+        vm.add_virtio_device(Box::new(dev))?;
+    }
+    if let Some(path) = policy_socket {
+        let dev = milk_vmm::devices::virtio::vhost_user::VhostUserMilkDevice::new(path, cpus)?;
         vm.add_virtio_device(Box::new(dev))?;
     }
     let mut summaries = None;
@@ -114,8 +125,13 @@ fn new_vm(
     Ok((vm, summaries))
 }
 
-fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>) -> i32 {
-    let (vm, summaries) = match new_vm(config, echo_device, policy) {
+fn run_kvm(
+    config: VmConfig,
+    echo_device: bool,
+    policy: Option<&str>,
+    policy_socket: Option<&std::path::Path>,
+) -> i32 {
+    let (vm, summaries) = match new_vm(config, echo_device, policy, policy_socket) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
@@ -210,6 +226,10 @@ fn run(cli: Cli) -> i32 {
         }
     };
     match engine {
+        Engine::Qemu if cli.policy_socket.is_some() => {
+            eprintln!("milk-vmm: --policy-socket needs the KVM engine");
+            exit_code::UNAVAILABLE
+        }
         Engine::Qemu if cli.policy.is_some() => {
             let policy = cli.policy.as_deref().unwrap_or_default();
             match milk_vmm::engine::run_qemu_milk(&config, policy) {
@@ -237,6 +257,11 @@ fn run(cli: Cli) -> i32 {
                 e.exit_code()
             }
         },
-        Engine::Kvm => run_kvm(config, cli.echo_device, cli.policy.as_deref()),
+        Engine::Kvm => run_kvm(
+            config,
+            cli.echo_device,
+            cli.policy.as_deref(),
+            cli.policy_socket.as_deref(),
+        ),
     }
 }
