@@ -431,6 +431,9 @@ pub struct SwapReport {
     pub prepare: Duration,
     /// Size of the session state handed over.
     pub state_bytes: usize,
+    /// Pids of the host's task table handed over, ascending (empty when there was no
+    /// daemon to take it from).
+    pub pids: Vec<u32>,
     /// Ring positions handed over.
     pub bases: Vec<u16>,
 }
@@ -598,6 +601,15 @@ impl MilkFrontend {
             blackout,
             prepare,
             state_bytes: blob.as_ref().map_or(0, Vec::len),
+            pids: blob
+                .as_deref()
+                .and_then(|b| crate::state::decode(b).ok())
+                .map(|s| {
+                    let mut p: Vec<u32> = s.view.tasks.keys().copied().collect();
+                    p.sort_unstable();
+                    p
+                })
+                .unwrap_or_default(),
             bases,
         })
     }
@@ -794,4 +806,48 @@ fn send_goodbye(dev: &DeviceSetup) -> bool {
     });
     engine.push_decision(0, bye.encode());
     engine.flush() == 1
+}
+
+/// The running frontend of a device, shared between the transport (which starts and stops
+/// it) and control paths on other threads (swap, status). Cheap to clone.
+#[derive(Clone, Default)]
+pub struct FrontendSlot {
+    fe: Arc<Mutex<Option<MilkFrontend>>>,
+}
+
+impl FrontendSlot {
+    fn lock(&self) -> MutexGuard<'_, Option<MilkFrontend>> {
+        self.fe.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Planned swap to the daemon listening on `path` (see [`MilkFrontend::swap`]).
+    pub fn swap(&self, path: &Path) -> Result<SwapReport, FrontendError> {
+        self.lock()
+            .as_ref()
+            .ok_or(FrontendError::NotConnected)?
+            .swap(path)
+    }
+
+    /// Status (`None` while the driver has not started the device).
+    pub fn status(&self) -> Option<FrontendStatus> {
+        self.lock().as_ref().map(MilkFrontend::status)
+    }
+
+    /// Events so far (empty while inactive).
+    pub fn events(&self) -> Vec<FrontendEvent> {
+        self.lock()
+            .as_ref()
+            .map(MilkFrontend::events)
+            .unwrap_or_default()
+    }
+
+    /// Install the frontend of a new activation.
+    pub fn set(&self, fe: MilkFrontend) {
+        *self.lock() = Some(fe);
+    }
+
+    /// Take the frontend out (device reset).
+    pub fn take(&self) -> Option<MilkFrontend> {
+        self.lock().take()
+    }
 }

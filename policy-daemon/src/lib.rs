@@ -5,6 +5,7 @@
 //! - [`frontend`]: what milk-vmm uses to drive such a daemon: connect, start the rings,
 //!   stop them and hand them to another daemon (planned swap), notice a daemon that hung
 //!   up and reconnect, recovering ring positions from guest memory.
+//! - `ivshmem` (feature `ivshmem`): the same for the QEMU engine's ivshmem transport.
 //! - [`daemon`]: bind a socket and serve one frontend (what `milk-policy` runs).
 //! - [`state`]: the device state handed from one daemon to the next in a planned swap.
 //!
@@ -15,4 +16,6 @@
 pub mod backend;
 pub mod daemon;
 pub mod frontend;
+#[cfg(feature = "ivshmem")]
+pub mod ivshmem;
 pub mod state;

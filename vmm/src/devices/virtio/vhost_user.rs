@@ -17,11 +17,11 @@
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use milk_policy_daemon::frontend::{
-    DeviceSetup, FrontendError, FrontendStatus, Link, MilkFrontend, RingSetup, SwapReport,
+    DeviceSetup, FrontendError, FrontendSlot, Link, MilkFrontend, RingSetup,
 };
 use virtio_milk::queue::QueueConfig;
 use virtio_queue::QueueT;
@@ -29,25 +29,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{ActivateError, Activation, NotificationMode, VirtioDevice, VirtioInterrupt};
 
-/// Control of the running frontend, usable from any thread (control socket, tests).
-#[derive(Clone, Default)]
-pub struct VhostUserHandle {
-    fe: Arc<Mutex<Option<MilkFrontend>>>,
-}
-
-impl VhostUserHandle {
-    /// Planned swap to the daemon listening on `path`.
-    pub fn swap(&self, path: &Path) -> Result<SwapReport, FrontendError> {
-        let g = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().ok_or(FrontendError::NotConnected)?.swap(path)
-    }
-
-    /// Frontend status (`None` before the driver started the device).
-    pub fn status(&self) -> Option<FrontendStatus> {
-        let g = self.fe.lock().unwrap_or_else(|e| e.into_inner());
-        g.as_ref().map(MilkFrontend::status)
-    }
-}
+/// Swap and status handle of the device (see [`FrontendSlot`]).
+pub type VhostUserHandle = FrontendSlot;
 
 /// Relays the daemon's call eventfd into the virtio interrupt.
 struct CallRelay {
@@ -175,13 +158,7 @@ impl VhostUserMilkDevice {
     }
 
     fn stop(&mut self) {
-        let fe = self
-            .handle
-            .fe
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(fe) = fe {
+        if let Some(fe) = self.handle.take() {
             self.idle = fe.detach();
         }
         self.relay = None;
@@ -257,7 +234,7 @@ impl VirtioDevice for VhostUserMilkDevice {
             self.relay = None;
             ActivateError::Other(e.to_string())
         })?;
-        *self.handle.fe.lock().unwrap_or_else(|e| e.into_inner()) = Some(fe);
+        self.handle.set(fe);
         log::info!(
             "virtio-milk: rings handed to the policy daemon at {}",
             self.path.display()
