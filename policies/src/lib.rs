@@ -1,13 +1,16 @@
 //! milk-policies: host-side scheduling policies for MiLK.
 //!
 //! Each policy implements [`virtio_milk::policy::Policy`]; pick one by name with
-//! [`by_name`] (what `milk-vmm --policy <name>` does). [`names`] lists them.
+//! [`by_name`]; [`names`] lists them. [`resolve`] turns `NAME[:PARAMS]` into a policy
+//! factory (what `milk-vmm --policy` and `milkctl swap` use).
 
 use virtio_milk::policy::Policy;
 
 pub mod fifo;
+pub mod registry;
 
 pub use fifo::Fifo;
+pub use registry::{resolve, PolicyError, Resolved};
 
 /// Names accepted by [`by_name`].
 pub fn names() -> &'static [&'static str] {

@@ -246,7 +246,7 @@ impl MilkBackend {
         };
         let mut engine = QueueEngine::new(mem, ecfg, &queues, wake.try_clone()?, Box::new(irq))
             .map_err(io::Error::other)?;
-        engine.set_ring_state(&rings);
+        engine.set_ring_state(&rings).map_err(io::Error::other)?;
         let policy = milk_policies::by_name(&self.cfg.policy)
             .ok_or_else(|| io::Error::other(format!("unknown policy {}", self.cfg.policy)))?;
         let loaded = inner.loaded.take();

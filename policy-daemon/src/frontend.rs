@@ -794,7 +794,10 @@ fn send_goodbye(dev: &DeviceSetup) -> bool {
             next_used: b,
         })
         .collect();
-    engine.set_ring_state(&rings);
+    if let Err(e) = engine.set_ring_state(&rings) {
+        log::warn!("guest rings unusable for GOODBYE: {e}");
+        return false;
+    }
     let bye = Message::Goodbye(SessionInfo {
         cpu: 0,
         num_cpus: dev.num_cpus(),

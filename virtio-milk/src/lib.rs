@@ -9,6 +9,8 @@
 //!   EVENT_IDX, interrupts), transport agnostic.
 //! - [`device`]: the transport-facing device model (ID, features, config space, activate /
 //!   reset) shared by the virtio-mmio and ivshmem transports.
+//! - [`control`]: [`control::MilkControl`], the one handle on a device shared by its
+//!   transport and its controllers (pause/resume, policy swap, live counters, summaries).
 //! - [`runtime`]: task table, seq tracking, polling loop, policy hosting and swap.
 //! - [`policy`]: the `Policy` trait and the data a policy sees.
 //! - [`metrics`]: counters and the event -> decision latency histogram.
@@ -17,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod device;
 pub mod loopback;
 pub mod metrics;

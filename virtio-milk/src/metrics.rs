@@ -253,6 +253,10 @@ pub struct Summary {
     pub metrics: Metrics,
     /// Queue engine counters.
     pub engine: EngineStats,
+    /// Session id the runtime offered last (0: none yet).
+    pub session_id: u64,
+    /// Whether the guest echoed that session's HELLO.
+    pub session_established: bool,
 }
 
 fn fmt_ns(ns: u64) -> String {

@@ -323,6 +323,8 @@ impl<M: GuestMemory> Runtime<M> {
             elapsed: self.started.elapsed(),
             metrics: self.metrics.clone(),
             engine: self.engine.stats().clone(),
+            session_id: self.session_id,
+            session_established: self.established,
         }
     }
 

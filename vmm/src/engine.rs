@@ -1,8 +1,12 @@
 //! Engine selection: KVM when it can run a standard guest, otherwise QEMU TCG
 //! through `milk-harness`, with the same kernel, initramfs and command line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use virtio_milk::control::PolicyControl;
 
 use crate::error::VmmError;
 use crate::vmm::VmConfig;
@@ -106,21 +110,72 @@ pub struct QemuMilkRun {
     pub summaries: Vec<virtio_milk::metrics::Summary>,
 }
 
-/// Checks that `policy` names a host policy (`milk_policies::names()`).
+/// Checks that `policy` (`NAME[:PARAMS]`) resolves (`milk_policies::resolve`).
 pub fn check_policy(policy: &str) -> Result<(), VmmError> {
-    if milk_policies::names().contains(&policy) {
-        Ok(())
-    } else {
-        Err(VmmError::InvalidConfig(format!(
-            "unknown --policy {policy:?} (known: {})",
-            milk_policies::names().join(", ")
-        )))
+    milk_policies::resolve(policy)
+        .map(|_| ())
+        .map_err(|e| VmmError::InvalidConfig(format!("--policy: {e}")))
+}
+
+/// Stops a running VM from another thread (the control socket's `stop`).
+pub type StopFn = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Called once before the guest starts, with the virtio-milk device's control
+/// handle (QEMU with a policy) and a way to stop the VM; an error stops the run
+/// before QEMU starts (invalid configuration).
+pub type OnStart<'a> =
+    &'a mut dyn FnMut(Option<Arc<dyn PolicyControl>>, StopFn) -> Result<(), String>;
+
+/// QEMU writes its pid here (`-pidfile`), so `stop` can end it with SIGTERM.
+pub(crate) struct PidFile(PathBuf);
+
+impl PidFile {
+    pub(crate) fn new() -> Self {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        PidFile(std::env::temp_dir().join(format!("milk-vmm-{}-{n}.qemu.pid", std::process::id())))
+    }
+
+    pub(crate) fn apply(&self, spec: &mut milk_harness::GuestSpec) {
+        spec.extra_args
+            .extend(["-pidfile".into(), self.0.display().to_string()]);
+    }
+
+    pub(crate) fn stopper(&self) -> StopFn {
+        let path = self.0.clone();
+        Box::new(move || {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("QEMU pid file {}: {e}", path.display()))?;
+            let pid: libc::pid_t = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("QEMU pid file {}: no pid", path.display()))?;
+            // SAFETY: kill(2) with a pid QEMU wrote for itself and SIGTERM, which
+            // QEMU handles by shutting down.
+            if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+                return Err(format!(
+                    "stopping QEMU: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
 /// Runs the guest of `config` under QEMU TCG with the virtio-milk device
-/// (over ivshmem) served by the host policy `policy`.
-pub fn run_qemu_milk(config: &VmConfig, policy: &str) -> Result<QemuMilkRun, VmmError> {
+/// (over ivshmem) served by the host policy `policy` (`NAME[:PARAMS]`).
+pub fn run_qemu_milk(
+    config: &VmConfig,
+    policy: &str,
+    on_start: OnStart<'_>,
+) -> Result<QemuMilkRun, VmmError> {
     check_policy(policy)?;
     if config.memory_mib > QEMU_MILK_MAX_MEMORY_MIB {
         return Err(VmmError::InvalidConfig(format!(
@@ -128,26 +183,42 @@ pub fn run_qemu_milk(config: &VmConfig, policy: &str) -> Result<QemuMilkRun, Vmm
             config.memory_mib, QEMU_MILK_MAX_MEMORY_MIB
         )));
     }
-    let cfg = milk_ivshmem::session::MilkGuestConfig::new(harness_spec(config), policy);
+    let mut host = milk_ivshmem::session::MilkHost::new(
+        config.cpus,
+        config.memory_mib,
+        policy,
+        virtio_milk::runtime::RuntimeConfig::default(),
+        None,
+    )?;
+    let mut spec = harness_spec(config);
+    host.apply(&mut spec);
+    let pid = PidFile::new();
+    pid.apply(&mut spec);
+    let control: Arc<dyn PolicyControl> = Arc::new(host.control());
+    on_start(Some(control), pid.stopper()).map_err(VmmError::InvalidConfig)?;
+    host.start()?;
     let echo = config.echo_console;
-    let run = milk_ivshmem::session::run_milk_guest(&cfg, &mut |line, _ctl| {
+    let outcome = milk_harness::run_qemu(&spec, &mut |line| {
         if echo {
             println!("{line}");
         }
-    })?;
+    });
+    // Stop serving whatever happened to QEMU.
+    let summaries = host.finish()?;
+    let outcome = outcome?;
     log::info!(
         "QEMU guest with virtio-milk ended after {:?} (qemu status {:?}); transport {:?}",
-        run.outcome.elapsed,
-        run.outcome.qemu_status,
-        run.device
+        outcome.elapsed,
+        outcome.qemu_status,
+        host.device_stats()
     );
     Ok(QemuMilkRun {
-        result: run.status(),
-        summaries: run.summaries,
+        result: outcome.result.map(|r| r.status),
+        summaries,
     })
 }
 
-fn harness_spec(config: &VmConfig) -> milk_harness::GuestSpec {
+pub(crate) fn harness_spec(config: &VmConfig) -> milk_harness::GuestSpec {
     let mut spec = milk_harness::GuestSpec::new(&config.kernel);
     spec.initrd = config.initrd.clone();
     spec.cmdline = config.cmdline.clone();
@@ -161,8 +232,11 @@ fn harness_spec(config: &VmConfig) -> milk_harness::GuestSpec {
 
 /// Runs the guest of `config` under QEMU TCG; returns the guest's result
 /// status, if it printed one.
-pub fn run_qemu(config: &VmConfig) -> Result<Option<i32>, VmmError> {
-    let spec = harness_spec(config);
+pub fn run_qemu(config: &VmConfig, on_start: OnStart<'_>) -> Result<Option<i32>, VmmError> {
+    let mut spec = harness_spec(config);
+    let pid = PidFile::new();
+    pid.apply(&mut spec);
+    on_start(None, pid.stopper()).map_err(VmmError::InvalidConfig)?;
     let echo = config.echo_console;
     let outcome = milk_harness::run_qemu(&spec, &mut |line| {
         if echo {
@@ -230,10 +304,15 @@ mod tests {
         std::fs::write(&k, b"\x7fELF\x02\x01\x01").unwrap();
         let mut c = VmConfig::new(&k);
         c.memory_mib = QEMU_MILK_MAX_MEMORY_MIB + 1;
-        let e = run_qemu_milk(&c, "fifo").unwrap_err();
+        let e = run_qemu_milk(&c, "fifo", &mut |_, _| Ok(())).unwrap_err();
         assert_eq!(e.exit_code(), 64);
         assert!(e.to_string().contains("at most 3072 MiB"), "{e}");
-        assert_eq!(run_qemu_milk(&c, "nope").unwrap_err().exit_code(), 64);
+        assert_eq!(
+            run_qemu_milk(&c, "nope", &mut |_, _| Ok(()))
+                .unwrap_err()
+                .exit_code(),
+            64
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub enum VmmError {
     /// KVM is not usable.
     #[error("KVM unavailable: {0}")]
     KvmUnavailable(String),
+    /// KVM lacks capabilities milk-vmm needs (the names, comma separated).
+    #[error("KVM lacks required capabilities: {0}")]
+    MissingCapabilities(String),
     /// A KVM ioctl failed.
     #[error("{what}: {err}")]
     Kvm {
@@ -133,14 +136,14 @@ impl VmmError {
                 exit_code::NO_INPUT
             }
             VmmError::Boot(_) => exit_code::DATA,
-            VmmError::KvmUnavailable(_) | VmmError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
+            VmmError::KvmUnavailable(_)
+            | VmmError::MissingCapabilities(_)
+            | VmmError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
             VmmError::SerialLog { .. } => exit_code::CANT_CREATE,
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE
             }
-            VmmError::Milk(milk_ivshmem::session::SessionError::UnknownPolicy(..)) => {
-                exit_code::USAGE
-            }
+            VmmError::Milk(milk_ivshmem::session::SessionError::Policy(_)) => exit_code::USAGE,
             VmmError::Milk(_) | VmmError::MilkDevice(_) => exit_code::SOFTWARE,
             VmmError::Qemu(h) => match h {
                 H::QemuMissing => exit_code::UNAVAILABLE,

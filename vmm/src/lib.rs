@@ -21,6 +21,7 @@ pub mod error;
 pub mod exit;
 pub mod layout;
 pub mod memory;
+pub mod qemu_vhost_user;
 pub mod vcpu;
 pub mod vmm;
 

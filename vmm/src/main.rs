@@ -1,11 +1,19 @@
 //! `milk-vmm`: boot a MiLK guest under KVM (or QEMU TCG where KVM cannot run it).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use milk_vmm::{choose_engine, detect_kvm, exit_code, Engine, EngineChoice, Vm, VmConfig};
+use milk_control::{ControlServer, VmControl};
+use milk_policy_daemon::frontend::FrontendSlot;
+use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
+use milk_vmm::engine::StopFn;
+use milk_vmm::{
+    choose_engine, detect_kvm, exit_code, Engine, EngineChoice, ExitReason, Vm, VmConfig,
+};
+use virtio_milk::control::PolicyControl;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,7 +28,11 @@ Examples:
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --engine qemu --cpus 2 \\
            --cmdline 'milk.run=\"milk-work -t 16 -r 5\"' --policy fifo
 
-Exit status: the guest's `MILK-RESULT status=<n>`; otherwise 64 invalid
+  # With a control socket; from another shell swap the policy live.
+  milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
+  milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
+
+Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
 69 engine unavailable, 70 VMM failure, 71 guest fault (KVM internal error),
 73 serial log not writable, 80 guest ended without a result line,
@@ -63,10 +75,16 @@ struct Cli {
     /// this policy; a summary is printed at exit.
     #[arg(long, value_name = "NAME", long_help = policy_help())]
     policy: Option<String>,
+    /// Control socket (Unix, mode 0600, line-delimited JSON; see docs/control.md
+    /// and milkctl). Default: $XDG_RUNTIME_DIR/milk/milk-vmm-<pid>.sock, or
+    /// /run/milk/milk-vmm-<pid>.sock; the path is printed at start.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Out-of-process policy: attach the virtio-milk device and hand its queues to the
-    /// `milk-policy` daemon listening on this vhost-user socket (KVM engine). A daemon
-    /// that dies is noticed, the guest falls back to CFS, and a daemon started again on
-    /// the same path is reconnected.
+    /// `milk-policy` daemon listening on this vhost-user socket (both engines; see
+    /// docs/vhost-user.md). A daemon that dies is noticed, the guest falls back to CFS,
+    /// and a daemon started again on the same path is reconnected; `milkctl swap --socket
+    /// NEW` hands the queues to another daemon.
     #[arg(long, value_name = "PATH", conflicts_with = "policy")]
     policy_socket: Option<PathBuf>,
     /// Also write the serial console to this file.
@@ -88,60 +106,131 @@ struct Cli {
     linux64: bool,
 }
 
-type Summaries = Option<milk_vmm::devices::virtio::milk::MilkSummaries>;
+/// The control socket of this run, opened once the engine is known.
+struct Api {
+    path: Option<PathBuf>,
+    server: Option<ControlServer>,
+    vm: Option<Arc<VmControl>>,
+}
+
+impl Api {
+    /// Opens the socket for a VM run by `engine`. An explicit path that cannot
+    /// be bound is an error; the default path only warns.
+    fn open(
+        &mut self,
+        engine: &str,
+        device: Option<Arc<dyn PolicyControl>>,
+        stop: StopFn,
+    ) -> Result<(), String> {
+        let vm = Arc::new(VmControl::new(engine, device, stop));
+        let (path, explicit) = match &self.path {
+            Some(p) => (p.clone(), true),
+            None => (milk_control::default_socket_path(), false),
+        };
+        match ControlServer::bind(&path, vm.clone()) {
+            Ok(s) => {
+                eprintln!("milk-vmm: control socket {}", s.path().display());
+                self.server = Some(s);
+            }
+            Err(e) if explicit => return Err(e.to_string()),
+            Err(e) => log::warn!("no control socket: {e} (use --api-sock PATH)"),
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+
+    /// Lets `milkctl swap --socket` reach the vhost-user frontend.
+    fn set_remote(&self, slot: FrontendSlot) {
+        if let Some(vm) = &self.vm {
+            vm.set_remote_swap(Arc::new(SocketSwap(slot)));
+        }
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.vm.as_ref().is_some_and(|v| v.stop_requested())
+    }
+}
+
+type NewVm = (Vm, Option<MilkControl>, Option<FrontendSlot>);
 
 fn new_vm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
-    policy_socket: Option<&std::path::Path>,
-) -> Result<(Vm, Summaries), milk_vmm::VmmError> {
+    policy_socket: Option<&Path>,
+) -> Result<NewVm, milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
         let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
         vm.add_virtio_device(Box::new(dev))?;
     }
+    let mut slot = None;
     if let Some(path) = policy_socket {
-        let dev = milk_vmm::devices::virtio::vhost_user::VhostUserMilkDevice::new(path, cpus)?;
+        let dev = VhostUserMilkDevice::new(path, cpus)?;
+        slot = Some(dev.handle());
         vm.add_virtio_device(Box::new(dev))?;
     }
-    let mut summaries = None;
-    if let Some(name) = policy {
-        let name = name.to_owned();
-        let factory: virtio_milk::device::PolicyFactory = Box::new(move || {
-            // Checked against milk_policies::names() before the VM starts.
-            milk_policies::by_name(&name)
-                .unwrap_or_else(|| Box::new(milk_policies::Fifo::default()))
-        });
-        let (dev, s) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
+    let mut control = None;
+    if let Some(spec) = policy {
+        let p = milk_policies::resolve(spec)
+            .map_err(|e| milk_vmm::VmmError::InvalidConfig(format!("--policy: {e}")))?;
+        let (dev, c) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
             cpus,
-            factory,
+            &p.spec,
+            p.factory,
             virtio_milk::runtime::RuntimeConfig::default(),
         )?;
         vm.add_virtio_device(Box::new(dev))?;
-        summaries = Some(s);
+        control = Some(c);
     }
-    Ok((vm, summaries))
+    Ok((vm, control, slot))
 }
+
+type MilkControl = milk_vmm::devices::virtio::milk::MilkControl;
 
 fn run_kvm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
-    policy_socket: Option<&std::path::Path>,
+    policy_socket: Option<&Path>,
+    api: &mut Api,
 ) -> i32 {
-    let (vm, summaries) = match new_vm(config, echo_device, policy, policy_socket) {
+    let (mut vm, control, slot) = match new_vm(config, echo_device, policy, policy_socket) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
             return e.exit_code();
         }
     };
+    let exit = match vm.exit_handle() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("milk-vmm: creating the exit eventfd: {e}");
+            return exit_code::SOFTWARE;
+        }
+    };
+    let exit = Mutex::new(exit);
+    let stop: StopFn = Box::new(move || {
+        exit.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request(ExitReason::Stopped);
+        Ok(())
+    });
+    let device = control
+        .clone()
+        .map(|c| Arc::new(c) as Arc<dyn PolicyControl>);
+    if let Err(e) = api.open("kvm", device, stop) {
+        eprintln!("milk-vmm: {e}");
+        return exit_code::USAGE;
+    }
+    if let Some(s) = slot {
+        api.set_remote(s);
+    }
     let result = vm.run();
     // The VM and its devices are gone: every runtime summary is in.
-    if let Some(s) = summaries {
-        print_summaries(&s.lock().unwrap_or_else(|e| e.into_inner()));
+    if let Some(c) = control {
+        print_summaries(&c.summaries());
     }
     match result {
         Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
@@ -225,43 +314,70 @@ fn run(cli: Cli) -> i32 {
             return e.exit_code();
         }
     };
-    match engine {
+    let mut api = Api {
+        path: cli.api_sock.clone(),
+        server: None,
+        vm: None,
+    };
+    let mut on_start =
+        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
+    let status = match engine {
         Engine::Qemu if cli.policy_socket.is_some() => {
-            eprintln!("milk-vmm: --policy-socket needs the KVM engine");
-            exit_code::UNAVAILABLE
+            let sock = cli.policy_socket.as_deref().unwrap_or(Path::new(""));
+            let api_cell = std::cell::RefCell::new(&mut api);
+            let mut on_vhost = |slot: FrontendSlot, stop: StopFn| {
+                let mut a = api_cell.borrow_mut();
+                a.open("qemu", None, stop)?;
+                a.set_remote(slot);
+                Ok(())
+            };
+            match milk_vmm::qemu_vhost_user::run_qemu_vhost_user(&config, sock, &mut on_vhost) {
+                Ok(r) => r.ok_or(()),
+                Err(e) => {
+                    eprintln!("milk-vmm: {e}");
+                    return e.exit_code();
+                }
+            }
         }
         Engine::Qemu if cli.policy.is_some() => {
             let policy = cli.policy.as_deref().unwrap_or_default();
-            match milk_vmm::engine::run_qemu_milk(&config, policy) {
+            match milk_vmm::engine::run_qemu_milk(&config, policy, &mut on_start) {
                 Ok(run) => {
                     print_summaries(&run.summaries);
-                    run.result.unwrap_or_else(|| {
-                        eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-                        exit_code::NO_RESULT
-                    })
+                    run.result.ok_or(())
                 }
                 Err(e) => {
                     eprintln!("milk-vmm: {e}");
-                    e.exit_code()
+                    return e.exit_code();
                 }
             }
         }
-        Engine::Qemu => match milk_vmm::engine::run_qemu(&config) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-                exit_code::NO_RESULT
-            }
+        Engine::Qemu => match milk_vmm::engine::run_qemu(&config, &mut on_start) {
+            Ok(r) => r.ok_or(()),
             Err(e) => {
                 eprintln!("milk-vmm: {e}");
-                e.exit_code()
+                return e.exit_code();
             }
         },
-        Engine::Kvm => run_kvm(
-            config,
-            cli.echo_device,
-            cli.policy.as_deref(),
-            cli.policy_socket.as_deref(),
-        ),
+        Engine::Kvm => {
+            return run_kvm(
+                config,
+                cli.echo_device,
+                cli.policy.as_deref(),
+                cli.policy_socket.as_deref(),
+                &mut api,
+            )
+        }
+    };
+    match status {
+        Ok(s) => s,
+        Err(()) if api.stop_requested() => {
+            eprintln!("milk-vmm: stopped on request");
+            0
+        }
+        Err(()) => {
+            eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
+            exit_code::NO_RESULT
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! One guest run with virtio-milk over this transport, end to end (cargo
 //! feature `virtio-milk`): the device with a policy chosen by name
-//! (`milk_policies::by_name`), the ivshmem transport serving it, QEMU booting
+//! (`milk_policies::resolve`), the ivshmem transport serving it, QEMU booting
 //! the guest, and at the end the guest's outcome plus one runtime
 //! [`Summary`] per host runtime run.
 //!
@@ -15,13 +15,11 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
 use milk_harness::{GuestOutcome, GuestSpec, HarnessError};
-use virtio_milk::device::{DeviceError, MilkDevice, PolicyFactory};
+use virtio_milk::device::{DeviceError, MilkDevice};
 use virtio_milk::metrics::Summary;
-use virtio_milk::policy::Policy;
-use virtio_milk::runtime::{RawDecision, RuntimeConfig};
+use virtio_milk::runtime::RuntimeConfig;
 
 use crate::device::DeviceStats;
 use crate::milk::{MilkBackend, MilkControl};
@@ -31,9 +29,9 @@ use crate::transport::{IvshmemTransport, TransportConfig, TransportError, Transp
 /// Errors of a virtio-milk guest run.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    /// No policy of that name.
-    #[error("unknown policy {0:?} (known: {1})")]
-    UnknownPolicy(String, String),
+    /// The policy string did not resolve.
+    #[error(transparent)]
+    Policy(#[from] milk_policies::PolicyError),
     /// The device refused its configuration or a control request.
     #[error(transparent)]
     Device(#[from] DeviceError),
@@ -51,78 +49,9 @@ pub enum SessionError {
     NotStarted,
 }
 
-/// A policy by registry name, or [`SessionError::UnknownPolicy`].
-pub fn policy_by_name(name: &str) -> Result<Box<dyn Policy>, SessionError> {
-    milk_policies::by_name(name)
-        .ok_or_else(|| SessionError::UnknownPolicy(name.into(), milk_policies::names().join(", ")))
-}
-
-/// A control handle plus the name-based policy swap that persists across
-/// pause/resume. Cheap to clone, usable from any thread.
-#[derive(Clone)]
-pub struct GuestControl {
-    device: MilkControl,
-    policy: Arc<Mutex<String>>,
-}
-
-impl GuestControl {
-    /// The device-level handle.
-    pub fn device(&self) -> &MilkControl {
-        &self.device
-    }
-
-    /// Stops the host runtime with GOODBYE (see [`MilkControl::pause`]).
-    pub fn pause(&self) -> Result<bool, SessionError> {
-        Ok(self.device.pause()?)
-    }
-
-    /// Stops the host runtime without GOODBYE (see [`MilkControl::pause_silently`]).
-    pub fn pause_silently(&self) -> Result<bool, SessionError> {
-        Ok(self.device.pause_silently()?)
-    }
-
-    /// Starts a fresh runtime with the current policy (new session: HELLO).
-    pub fn resume(&self) -> Result<bool, SessionError> {
-        Ok(self.device.resume()?)
-    }
-
-    /// Switches to the policy `name`: hot-swapped into the running runtime,
-    /// and used by every later [`Self::resume`].
-    pub fn swap_policy(&self, name: &str) -> Result<(), SessionError> {
-        let p = policy_by_name(name)?;
-        *self.policy.lock().unwrap_or_else(|e| e.into_inner()) = name.to_owned();
-        self.device.swap_policy(p);
-        Ok(())
-    }
-
-    /// Name of the current policy.
-    pub fn policy_name(&self) -> String {
-        self.policy
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// Live counters of the running runtime (see [`MilkControl::snapshot`]).
-    pub fn snapshot(&self) -> Option<Summary> {
-        self.device.snapshot()
-    }
-
-    /// Testing / fault-injection hook (see [`MilkControl::inject_decisions`]).
-    pub fn inject_decisions(&self, decisions: &[RawDecision]) -> bool {
-        self.device.inject_decisions(decisions)
-    }
-
-    /// Whether a host runtime serves the queues now.
-    pub fn is_running(&self) -> bool {
-        self.device.is_running()
-    }
-
-    /// Summaries of the runtime runs that ended so far.
-    pub fn summaries(&self) -> Vec<Summary> {
-        self.device.summaries()
-    }
-}
+/// The control handle a guest run hands out (pause/resume, policy swap, live
+/// counters, summaries).
+pub type GuestControl = MilkControl;
 
 /// Per-guest files (socket, RAM file) in a directory removed on drop.
 struct GuestDir(PathBuf);
@@ -155,7 +84,8 @@ pub struct MilkHost {
 }
 
 impl MilkHost {
-    /// A device for `cpus` guest CPUs running policy `policy` (by name), a
+    /// A device for `cpus` guest CPUs running policy `policy`
+    /// (`NAME[:PARAMS]`, see `milk_policies::resolve`), a
     /// transport for `memory_mib` MiB of guest RAM with its files in a new
     /// directory under `dir` (default [`runtime_dir`]).
     pub fn new(
@@ -165,22 +95,10 @@ impl MilkHost {
         runtime: RuntimeConfig,
         dir: Option<&Path>,
     ) -> Result<Self, SessionError> {
-        policy_by_name(policy)?;
-        let name = Arc::new(Mutex::new(policy.to_owned()));
-        let n2 = name.clone();
-        let factory: PolicyFactory = Box::new(move || {
-            let current = n2.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            // The name was resolved when it was set; fall back to FIFO if the
-            // registry changed under us.
-            milk_policies::by_name(&current)
-                .unwrap_or_else(|| Box::new(milk_policies::Fifo::default()))
-        });
-        let dev = MilkDevice::new(cpus, factory, runtime)?;
+        let policy = milk_policies::resolve(policy)?;
+        let dev = MilkDevice::with_policy(cpus, &policy.spec, policy.factory, runtime)?;
         let backend = MilkBackend::new(dev);
-        let control = GuestControl {
-            device: backend.control(),
-            policy: name,
-        };
+        let control = backend.control();
         let gdir = GuestDir::create(dir.unwrap_or(&runtime_dir()))?;
         let cfg = TransportConfig::in_dir(&gdir.0, memory_mib, backend.device_info());
         let transport = IvshmemTransport::new(cfg, backend)?;
@@ -332,8 +250,11 @@ mod tests {
         let e = MilkHost::new(2, 64, "nope", RuntimeConfig::default(), None)
             .err()
             .expect("unknown policy refused");
-        assert!(matches!(e, SessionError::UnknownPolicy(ref n, _) if n == "nope"));
+        assert!(matches!(e, SessionError::Policy(_)));
         assert!(e.to_string().contains("fifo"), "{e}");
+        let host =
+            MilkHost::new(1, 64, "fifo:slice_us=300", RuntimeConfig::default(), None).unwrap();
+        assert_eq!(host.control().policy(), "fifo:slice_us=300");
     }
 
     #[test]
@@ -358,10 +279,16 @@ mod tests {
         assert!(!ctl.pause().unwrap());
         assert!(!ctl.resume().unwrap());
         assert!(ctl.snapshot().is_none());
-        assert!(!ctl.inject_decisions(&[RawDecision::run(1, 0, 1)]));
-        assert!(ctl.swap_policy("nope").is_err());
-        assert_eq!(ctl.policy_name(), "fifo");
-        ctl.swap_policy("fifo").unwrap();
+        let r = milk_policies::resolve("fifo:slice_us=100").unwrap();
+        assert!(
+            !ctl.set_policy(&r.spec, r.factory),
+            "nothing running to swap"
+        );
+        assert_eq!(
+            ctl.policy(),
+            "fifo:slice_us=100",
+            "kept for the first activation"
+        );
 
         assert!(matches!(host.finish(), Err(SessionError::NotStarted)));
         host.start().unwrap();

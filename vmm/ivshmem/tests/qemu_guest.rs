@@ -330,7 +330,7 @@ mod virtio_milk_guest {
         // QEMU is gone: the disconnect reset the device and ended the run.
         let stats = t.device().stats();
         println!("device stats: {stats:?}; guest run {:?}", out.elapsed);
-        let summaries = t.device_mut().backend_mut().summaries().to_vec();
+        let summaries = t.device_mut().backend_mut().control().summaries();
         for s in &summaries {
             println!("{s}");
         }

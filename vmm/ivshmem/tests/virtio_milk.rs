@@ -151,7 +151,7 @@ fn virtio_milk_runtime_talks_to_a_driver_through_the_transport() {
     // Reset stops the runtime; its summary counts what crossed the transport.
     assert_eq!(q.set_status(0), 0);
     let t = handle.stop().unwrap();
-    let s = t.device().backend().summaries();
+    let s = t.device().backend().control().summaries();
     assert_eq!(s.len(), 1, "one run ended");
     println!("{}", s[0]);
     assert_eq!(s[0].engine.records_in, 1, "guest HELLO received");

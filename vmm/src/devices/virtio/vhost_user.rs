@@ -256,3 +256,21 @@ impl Drop for VhostUserMilkDevice {
         self.stop();
     }
 }
+
+/// `milkctl swap --socket PATH` for a VM whose virtio-milk rings a daemon serves (either
+/// engine): a planned swap through the frontend, the report as the reply's result.
+pub struct SocketSwap(pub FrontendSlot);
+
+impl milk_control::RemoteSwap for SocketSwap {
+    fn swap_to_socket(&self, socket: &str) -> Result<serde_json::Value, String> {
+        let r = self.0.swap(Path::new(socket)).map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "socket": socket,
+            "blackout_us": r.blackout.as_micros() as u64,
+            "prepare_us": r.prepare.as_micros() as u64,
+            "state_bytes": r.state_bytes,
+            "tasks": r.pids.len(),
+            "ring_bases": r.bases,
+        }))
+    }
+}
