@@ -37,6 +37,7 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_milk::metrics::Summary;
+use virtio_milk::policy::{CpuState, TaskState};
 use virtio_milk::protocol::{
     Config, DEVICE_FEATURES, MAX_BATCH, QUEUES_PER_CPU, VIRTIO_MILK_F_BATCH,
     VIRTIO_RING_F_EVENT_IDX,
@@ -69,8 +70,8 @@ pub enum BackendError {
     /// CPU count out of range.
     #[error("cpu count {0} out of range 1..={MAX_DAEMON_CPUS}")]
     CpuCount(u32),
-    /// Unknown policy.
-    #[error("unknown policy {0:?}")]
+    /// Unknown policy or bad parameters.
+    #[error("--policy: {0}")]
     UnknownPolicy(String),
 }
 
@@ -79,7 +80,7 @@ pub enum BackendError {
 pub struct BackendConfig {
     /// Guest CPUs (queue pairs).
     pub num_cpus: u32,
-    /// Policy name as `milk_policies::by_name` takes it.
+    /// Policy as `NAME[:PARAMS]` (`milk_policies::resolve`).
     pub policy: String,
     /// Runtime knobs (heartbeat, spin budget, ...).
     pub runtime: RuntimeConfig,
@@ -131,6 +132,7 @@ struct Inner {
 /// The virtio-milk vhost-user backend. Share it as `Arc<MilkBackend>`.
 pub struct MilkBackend {
     cfg: BackendConfig,
+    factory: Mutex<virtio_milk::device::PolicyFactory>,
     config_space: Config,
     inner: Mutex<Inner>,
 }
@@ -141,9 +143,10 @@ impl MilkBackend {
         if cfg.num_cpus == 0 || cfg.num_cpus > MAX_DAEMON_CPUS {
             return Err(BackendError::CpuCount(cfg.num_cpus));
         }
-        if milk_policies::by_name(&cfg.policy).is_none() {
-            return Err(BackendError::UnknownPolicy(cfg.policy.clone()));
-        }
+        let factory = milk_policies::resolve(&cfg.policy)
+            .map_err(|e| BackendError::UnknownPolicy(e.to_string()))?
+            .factory;
+        let factory = Mutex::new(factory);
         let mut config_space = Config::new(cfg.num_cpus);
         config_space.heartbeat_ms = cfg
             .runtime
@@ -152,6 +155,7 @@ impl MilkBackend {
             .into();
         Ok(MilkBackend {
             cfg,
+            factory,
             config_space,
             inner: Mutex::new(Inner::default()),
         })
@@ -247,8 +251,7 @@ impl MilkBackend {
         let mut engine = QueueEngine::new(mem, ecfg, &queues, wake.try_clone()?, Box::new(irq))
             .map_err(io::Error::other)?;
         engine.set_ring_state(&rings).map_err(io::Error::other)?;
-        let policy = milk_policies::by_name(&self.cfg.policy)
-            .ok_or_else(|| io::Error::other(format!("unknown policy {}", self.cfg.policy)))?;
+        let policy = (self.factory.lock().unwrap_or_else(|e| e.into_inner()))();
         let loaded = inner.loaded.take();
         let resumed = loaded.is_some();
         let mut rcfg = self.cfg.runtime;
@@ -286,13 +289,28 @@ impl MilkBackend {
         };
         let vrings = inner.vrings.clone();
         let rt = r.handle.stop_silently().map_err(io::Error::other)?;
-        let rings = rt.engine().ring_state();
+        let mut state = rt.session_state();
+        inner.summaries.push(rt.summary());
+        // Decisions still waiting for a guest buffer go out now: the next daemon starts
+        // from the ring positions, not from this engine's backlog.
+        let mut engine = rt.into_engine();
+        if engine.backlog_len() > 0 {
+            engine.flush();
+        }
+        let left = engine.backlog_len();
+        if left > 0 {
+            // The guest has no buffer for them: forget every RUN in flight so no CPU stays
+            // committed to a RUN the guest never sees (a RUN that did arrive is acked as
+            // unmatched, or rejected if the new daemon sends another).
+            log::warn!("{left} decisions undelivered at stop: RUNs in flight released");
+            release_inflight(&mut state);
+        }
+        let rings = engine.ring_state();
         for (v, st) in vrings.iter().zip(&rings) {
             v.set_queue_next_avail(st.next_avail);
             v.set_queue_next_used(st.next_used);
         }
-        inner.saved = Some(rt.session_state());
-        inner.summaries.push(rt.summary());
+        inner.saved = Some(state);
         log::info!(
             "runtime stopped at rings {:?}",
             rings.iter().map(|r| r.next_avail).collect::<Vec<_>>()
@@ -300,6 +318,21 @@ impl MilkBackend {
         inner.events.push(BackendEvent::Stopped { rings });
         Ok(())
     }
+}
+
+/// Every committed CPU back to idle, every dispatched task back to runnable.
+fn release_inflight(s: &mut SessionState) {
+    for c in &mut s.view.cpus {
+        if matches!(c, CpuState::Committed(_)) {
+            *c = CpuState::Idle;
+        }
+    }
+    for t in s.view.tasks.values_mut() {
+        if matches!(t.state, TaskState::Dispatched(_)) {
+            t.state = TaskState::Runnable;
+        }
+    }
+    s.inflight.iter_mut().for_each(|c| *c = 0);
 }
 
 impl VhostUserBackend for MilkBackend {
@@ -459,5 +492,80 @@ impl VhostUserBackend for MilkBackend {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_milk::policy::{SchedView, TaskInfo};
+
+    #[test]
+    fn undelivered_runs_release_their_cpus_and_tasks() {
+        let mut view = SchedView::new(2);
+        view.cpus = vec![CpuState::Committed(7), CpuState::Running(8)];
+        for (pid, st) in [(7, TaskState::Dispatched(0)), (8, TaskState::Running(1))] {
+            view.tasks.insert(
+                pid,
+                TaskInfo {
+                    pid,
+                    tgid: pid,
+                    comm: [0; 16],
+                    cpus_allowed: 3,
+                    weight: 100,
+                    nice: 0,
+                    seq: 4,
+                    state: st,
+                    last_cpu: 0,
+                    runnable_since_ns: 0,
+                },
+            );
+        }
+        let mut s = SessionState {
+            session_id: 1,
+            established: true,
+            view,
+            cookie: 9,
+            inflight: vec![9, 0],
+            inflight_ns: vec![1, 0],
+            heartbeats: 0,
+        };
+        release_inflight(&mut s);
+        assert_eq!(s.view.cpus, vec![CpuState::Idle, CpuState::Running(8)]);
+        assert_eq!(s.view.tasks[&7].state, TaskState::Runnable);
+        assert_eq!(s.view.tasks[&8].state, TaskState::Running(1));
+        assert_eq!(s.inflight, vec![0, 0]);
+    }
+
+    #[test]
+    fn bad_configuration_is_refused() {
+        let cfg = |n, p: &str| BackendConfig {
+            num_cpus: n,
+            policy: p.into(),
+            runtime: RuntimeConfig::default(),
+        };
+        assert!(matches!(
+            MilkBackend::new(cfg(0, "fifo")),
+            Err(BackendError::CpuCount(0))
+        ));
+        assert!(matches!(
+            MilkBackend::new(cfg(33, "fifo")),
+            Err(BackendError::CpuCount(33))
+        ));
+        assert!(matches!(
+            MilkBackend::new(cfg(2, "nope")),
+            Err(BackendError::UnknownPolicy(_))
+        ));
+        let b = MilkBackend::new(cfg(2, "fifo")).unwrap();
+        assert_eq!(b.num_queues(), 4);
+        assert_eq!(b.queues_per_thread(), vec![0b1111]);
+        assert!(b.exit_event(0).is_some(), "dropping the daemon needs it");
+        let c = b.get_config(0, 4);
+        assert_eq!(u32::from_le_bytes(c[..4].try_into().unwrap()), 2);
+        assert_eq!(
+            b.get_config(u32::MAX, 2),
+            vec![0, 0],
+            "past the end reads 0"
+        );
     }
 }

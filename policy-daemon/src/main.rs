@@ -15,8 +15,9 @@ Examples:
   # Serve a 2-CPU guest with the fifo policy; milk-vmm connects with --policy-socket.
   milk-policy --socket /run/milk/fifo.sock --policy fifo --cpus 2
 
-  # A second daemon for a planned swap: start it, then `milkctl swap --socket NEW`.
-  milk-policy --socket /run/milk/next.sock --policy fifo --cpus 2
+  # A planned swap: start a second daemon, then hand the queues over.
+  milk-policy --socket /run/milk/next.sock --policy fifo:slice_us=2000 --cpus 2 &
+  milkctl --api-sock /tmp/milk.sock swap --socket /run/milk/next.sock
 
 The daemon serves one frontend connection and exits when it hangs up (after a
 swap away from it, or when the VM ends), printing the runtime summary.

@@ -172,3 +172,81 @@ fn three_kill_9_fall_back_at_once_and_reconnect_with_a_new_session() {
     assert_eq!(hang.len(), 3);
     assert_eq!(g.protocol_errors, 0);
 }
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p / 100.0).round() as usize]
+}
+
+/// The numbers of docs/benchmarks.md, "Out-of-process policies" (host-only part):
+/// `cargo test --release -p milk-policy-daemon --test vhost_user -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: run by hand, see docs/benchmarks.md"]
+fn bench_swap_blackout_and_crash_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = FakeGuest::new(CPUS, TASKS);
+    let first = dir.path().join("s0.sock");
+    let _d0 = Daemon::start(&first, CPUS);
+    let fe = MilkFrontend::start(&first, g.setup()).unwrap();
+    assert!(g.run_until(Duration::from_secs(20), |g| g.run_times.len() >= 500));
+    let (mut blackout, mut gap) = (Vec::new(), Vec::new());
+    let mut keep = Vec::new();
+    for i in 1..=50 {
+        let p = dir.path().join(format!("s{i}.sock"));
+        let d = Daemon::start(&p, CPUS);
+        let runs = g.run_times.len();
+        let t = monotonic_ns();
+        let r = std::thread::scope(|s| {
+            let h = s.spawn(|| fe.swap(&p));
+            while !h.is_finished() {
+                g.step();
+            }
+            h.join().unwrap()
+        })
+        .unwrap();
+        assert!(g.run_until(Duration::from_secs(20), |g| g.run_times.len() >= runs + 300));
+        blackout.push(r.blackout.as_secs_f64() * 1e3);
+        gap.push(ms(max_gap_after(&g.run_times, t)));
+        keep.push(d);
+        if keep.len() > 2 {
+            keep.remove(0);
+        }
+    }
+    drop(fe);
+    drop(keep);
+    let mut g = FakeGuest::new(CPUS, TASKS);
+    let sock = dir.path().join("k.sock");
+    let mut d = Daemon::start(&sock, CPUS);
+    let fe = MilkFrontend::start(&sock, g.setup()).unwrap();
+    assert!(g.run_until(Duration::from_secs(20), |g| g.run_times.len() >= 200));
+    let (mut bye, mut back) = (Vec::new(), Vec::new());
+    for i in 1..=20 {
+        let t = monotonic_ns();
+        d.kill9();
+        assert!(g.run_until(Duration::from_secs(5), |g| g.goodbyes.len() == i));
+        bye.push(ms(g.goodbyes[i - 1] - t));
+        d = Daemon::start(&sock, CPUS);
+        let runs = g.run_times.len();
+        assert!(g.run_until(Duration::from_secs(20), |g| g.run_times.len() > runs));
+        back.push(ms(g.run_times[runs] - t));
+    }
+    drop(fe);
+    for (name, v) in [
+        ("swap blackout, frontend (ms)", &mut blackout),
+        ("longest RUN gap across a swap, guest (ms)", &mut gap),
+        ("kill -9 -> GOODBYE at the guest (ms)", &mut bye),
+        (
+            "kill -9 -> first RUN from the restarted daemon (ms)",
+            &mut back,
+        ),
+    ] {
+        let n = v.len();
+        println!(
+            "BENCH {name}: n={n} min {:.3} p50 {:.3} p90 {:.3} max {:.3}",
+            pct(v, 0.0),
+            pct(v, 50.0),
+            pct(v, 90.0),
+            pct(v, 100.0)
+        );
+    }
+}
