@@ -150,7 +150,14 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
                     let p = dir.join(format!("d{i}.sock"));
                     let d = Daemon::start(&p, CPUS as u16);
                     let r = slot.swap(&p).expect("planned swap");
-                    println!("swap {i}: {r:?}");
+                    println!(
+                        "swap {i}: blackout {:?} prepare {:?} state {} B, {} tasks, rings {:?}",
+                        r.blackout,
+                        r.prepare,
+                        r.state_bytes,
+                        r.pids.len(),
+                        r.bases
+                    );
                     reports.lock().unwrap().push(r);
                     daemons.lock().unwrap().push(d);
                 }
@@ -232,11 +239,12 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
         .collect();
     b.sort_by(f64::total_cmp);
     println!(
-        "BENCH cross-process swap blackout ms: min {:.3} median {:.3} max {:.3} (n={})",
+        "BENCH cross-process swap blackout ms: min {:.3} median {:.3} max {:.3} (n={}) all {:.3?}",
         b[0],
         b[b.len() / 2],
         b[b.len() - 1],
-        b.len()
+        b.len(),
+        b
     );
     for r in &reports {
         assert!(r.blackout < Duration::from_millis(250), "{r:?}");
