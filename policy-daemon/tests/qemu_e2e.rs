@@ -84,6 +84,12 @@ fn run(
     (out.expect("guest ran to its end"), slot)
 }
 
+/// `line` from `marker` on: a kernel message may share the console line with the
+/// workload's output.
+fn from<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|i| &line[i..])
+}
+
 fn fields(line: &str) -> HashMap<String, String> {
     line.split_whitespace()
         .filter_map(|w| w.split_once('='))
@@ -94,7 +100,7 @@ fn fields(line: &str) -> HashMap<String, String> {
 fn counters(out: &GuestOutcome) -> HashMap<String, u64> {
     out.console
         .iter()
-        .filter_map(|l| l.strip_prefix("MILKC "))
+        .filter_map(|l| from(l, "MILKC ").map(|m| &m[6..]))
         .filter_map(|w| w.split_once('='))
         .filter_map(|(k, v)| v.trim().parse().ok().map(|n| (k.to_owned(), n)))
         .collect()
@@ -109,8 +115,8 @@ fn assert_workload_ok(out: &GuestOutcome) {
     let w: Vec<_> = out
         .console
         .iter()
-        .filter(|l| l.starts_with("milk-work: threads="))
-        .map(|l| fields(l))
+        .filter_map(|l| from(l, "milk-work: threads="))
+        .map(fields)
         .collect();
     assert_eq!(w.len(), 1, "{w:?}");
     assert_eq!(w[0]["ok"], "64", "{w:?}");
@@ -141,7 +147,7 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
     let mut final_report = None;
     let mut final_status = None;
     let (out, _slot) = run(&spec, dir.path(), &sock0, &mut |l, slot| {
-        if l.starts_with("milk-work: start") && swapper.is_none() {
+        if l.contains("milk-work: start") && swapper.is_none() {
             let (slot, daemons, reports) = (slot.clone(), daemons.clone(), reports.clone());
             let dir: PathBuf = dir.path().to_owned();
             swapper = Some(std::thread::spawn(move || {
@@ -162,13 +168,13 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
                     daemons.lock().unwrap().push(d);
                 }
             }));
-        } else if let Some(n) = l.strip_prefix("TASKS ") {
+        } else if let Some(n) = from(l, "TASKS ").map(|m| &m[6..]) {
             guest_tasks = Some(
                 n.split_whitespace()
                     .filter_map(|p| p.parse::<u32>().ok())
                     .collect::<std::collections::BTreeSet<u32>>(),
             );
-        } else if l.starts_with("COUNTED") {
+        } else if l.contains("COUNTED") {
             // The guest is idle now: one more swap hands the host's task table over.
             let p = dir.path().join("final.sock");
             let d = Daemon::start(&p, CPUS as u16);
@@ -198,12 +204,12 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
     let end = out
         .console
         .iter()
-        .position(|l| l.starts_with("milk-work: threads="))
+        .position(|l| l.contains("milk-work: threads="))
         .unwrap();
     let start = out
         .console
         .iter()
-        .position(|l| l.starts_with("milk-work: start"))
+        .position(|l| l.contains("milk-work: start"))
         .unwrap();
     assert!(end > start);
     let fin = final_report.expect("final swap");
@@ -283,20 +289,21 @@ fn three_kill_9_of_the_daemon_fall_back_and_reconnect() {
     let mut during_workload = 0;
     let mut final_status = None;
     let (out, _slot) = run(&spec, dir.path(), &sock, &mut |l, slot| {
-        if l.starts_with("SCX2 ") {
+        if l.contains("SCX2 ") {
             final_status = slot.status();
         }
-        if l.starts_with("milk-work: start") {
+        if l.contains("milk-work: start") {
             workload_running = true;
         }
-        if l.starts_with("milk-work: threads=") {
+        if l.contains("milk-work: threads=") {
             workload_running = false;
         }
         // Re-enabled after the previous kill (the enables counter moved too).
-        let enabled_line = l.starts_with("milk-mon: ")
-            && l.contains(" scx=enabled")
-            && fields(l).get("enables") == Some(&(kills + 1).to_string());
-        let start_line = l.starts_with("milk-work: start");
+        let mon = from(l, "milk-mon: ");
+        let enabled_line = mon.is_some_and(|m| {
+            m.contains(" scx=enabled") && fields(m).get("enables") == Some(&(kills + 1).to_string())
+        });
+        let start_line = l.contains("milk-work: start");
         if kills < 3 && killed_at.is_none() && (start_line || (kills > 0 && enabled_line)) {
             if let Some(mut d) = daemon.take() {
                 d.kill9();
@@ -306,7 +313,7 @@ fn three_kill_9_of_the_daemon_fall_back_and_reconnect() {
             if workload_running {
                 during_workload += 1;
             }
-        } else if l.starts_with("milk-mon: ") && l.contains(" scx=disabled") {
+        } else if mon.is_some_and(|m| m.contains(" scx=disabled")) {
             if let Some(t) = killed_at.take() {
                 fallbacks.push(t.elapsed());
                 // The guest is on CFS: a daemon comes back on the same socket.

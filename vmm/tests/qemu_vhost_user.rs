@@ -73,7 +73,7 @@ fn qemu_engine_policy_socket_swap_through_the_control_socket() {
     let mut d1 = None;
     for line in BufReader::new(out).lines().map_while(Result::ok) {
         println!("vm| {line}");
-        if line.starts_with("milk-work: start") && reply.is_none() {
+        if line.contains("milk-work: start") && reply.is_none() {
             d1 = Some(daemon_on(&s1));
             let mut c = Client::connect(&api, Duration::from_secs(10)).expect("control socket");
             reply = Some(
