@@ -37,7 +37,6 @@ use vhost::vhost_user::message::{
 };
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_milk::metrics::Summary;
-use virtio_milk::policy::{CpuState, TaskState};
 use virtio_milk::protocol::{
     Config, DEVICE_FEATURES, MAX_BATCH, QUEUES_PER_CPU, VIRTIO_MILK_F_BATCH,
     VIRTIO_RING_F_EVENT_IDX,
@@ -289,7 +288,7 @@ impl MilkBackend {
         };
         let vrings = inner.vrings.clone();
         let rt = r.handle.stop_silently().map_err(io::Error::other)?;
-        let mut state = rt.session_state();
+        let state = rt.session_state();
         inner.summaries.push(rt.summary());
         // Decisions still waiting for a guest buffer go out now: the next daemon starts
         // from the ring positions, not from this engine's backlog.
@@ -299,11 +298,9 @@ impl MilkBackend {
         }
         let left = engine.backlog_len();
         if left > 0 {
-            // The guest has no buffer for them: forget every RUN in flight so no CPU stays
-            // committed to a RUN the guest never sees (a RUN that did arrive is acked as
-            // unmatched, or rejected if the new daemon sends another).
-            log::warn!("{left} decisions undelivered at stop: RUNs in flight released");
-            release_inflight(&mut state);
+            // No guest buffer for them: they are dropped; their commitments move with the
+            // session and expire in the next daemon after its ack timeout.
+            log::warn!("{left} decisions undelivered at stop");
         }
         let rings = engine.ring_state();
         for (v, st) in vrings.iter().zip(&rings) {
@@ -318,21 +315,6 @@ impl MilkBackend {
         inner.events.push(BackendEvent::Stopped { rings });
         Ok(())
     }
-}
-
-/// Every committed CPU back to idle, every dispatched task back to runnable.
-fn release_inflight(s: &mut SessionState) {
-    for c in &mut s.view.cpus {
-        if matches!(c, CpuState::Committed(_)) {
-            *c = CpuState::Idle;
-        }
-    }
-    for t in s.view.tasks.values_mut() {
-        if matches!(t.state, TaskState::Dispatched(_)) {
-            t.state = TaskState::Runnable;
-        }
-    }
-    s.inflight.iter_mut().for_each(|c| *c = 0);
 }
 
 impl VhostUserBackend for MilkBackend {
@@ -498,44 +480,6 @@ impl VhostUserBackend for MilkBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_milk::policy::{SchedView, TaskInfo};
-
-    #[test]
-    fn undelivered_runs_release_their_cpus_and_tasks() {
-        let mut view = SchedView::new(2);
-        view.cpus = vec![CpuState::Committed(7), CpuState::Running(8)];
-        for (pid, st) in [(7, TaskState::Dispatched(0)), (8, TaskState::Running(1))] {
-            view.tasks.insert(
-                pid,
-                TaskInfo {
-                    pid,
-                    tgid: pid,
-                    comm: [0; 16],
-                    cpus_allowed: 3,
-                    weight: 100,
-                    nice: 0,
-                    seq: 4,
-                    state: st,
-                    last_cpu: 0,
-                    runnable_since_ns: 0,
-                },
-            );
-        }
-        let mut s = SessionState {
-            session_id: 1,
-            established: true,
-            view,
-            cookie: 9,
-            inflight: vec![9, 0],
-            inflight_ns: vec![1, 0],
-            heartbeats: 0,
-        };
-        release_inflight(&mut s);
-        assert_eq!(s.view.cpus, vec![CpuState::Idle, CpuState::Running(8)]);
-        assert_eq!(s.view.tasks[&7].state, TaskState::Runnable);
-        assert_eq!(s.view.tasks[&8].state, TaskState::Running(1));
-        assert_eq!(s.inflight, vec![0, 0]);
-    }
 
     #[test]
     fn bad_configuration_is_refused() {

@@ -605,7 +605,7 @@ impl MilkFrontend {
                 .as_deref()
                 .and_then(|b| crate::state::decode(b).ok())
                 .map(|s| {
-                    let mut p: Vec<u32> = s.view.tasks.keys().copied().collect();
+                    let mut p: Vec<u32> = s.view.tasks.keys().map(|g| g.pid()).collect();
                     p.sort_unstable();
                     p
                 })
@@ -806,6 +806,7 @@ fn send_goodbye(dev: &DeviceSetup) -> bool {
         ts_ns: monotonic_ns(),
         counter: GOODBYE_BACKEND_GONE,
         name: pack_name("milk-vmm"),
+        ..SessionInfo::default()
     });
     engine.push_decision(0, bye.encode());
     engine.flush() == 1

@@ -5,15 +5,20 @@
 
 use std::collections::HashMap;
 
-use virtio_milk::policy::{CpuState, SchedView, TaskInfo, TaskState};
+use virtio_milk::policy::{CpuState, DecisionKind, Granted, SchedView, TaskInfo, TaskState};
+use virtio_milk::protocol::Gtid;
 use virtio_milk::protocol::{COMM_LEN, MAX_CPUS};
+use virtio_milk::runtime::acks::Commit;
 use virtio_milk::runtime::SessionState;
 
-/// First bytes of an encoded state (format version 1).
-pub const MAGIC: &[u8; 8] = b"MILKST01";
+/// First bytes of an encoded state (format version 2: protocol v2 tables).
+pub const MAGIC: &[u8; 8] = b"MILKST02";
 
 /// Largest task table accepted (the guest has far fewer threads).
 pub const MAX_TASKS: usize = 1 << 20;
+
+/// Most decisions in flight per CPU accepted.
+pub const MAX_PENDING: usize = 1 << 12;
 
 /// Why a state blob was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,32 +37,56 @@ pub enum StateError {
     Field(&'static str),
 }
 
+fn cpu_state(c: CpuState) -> (u8, u64) {
+    match c {
+        CpuState::Unknown => (0, 0),
+        CpuState::Idle => (1, 0),
+        CpuState::Committed(g) => (2, g.0),
+        CpuState::Running(g) => (3, g.0),
+        CpuState::Released => (4, 0),
+    }
+}
+
 /// Encode `s`.
 pub fn encode(s: &SessionState) -> Vec<u8> {
-    let mut b = Vec::with_capacity(64 + s.view.tasks.len() * 64);
+    let mut b = Vec::with_capacity(64 + s.view.tasks.len() * 96);
     b.extend_from_slice(MAGIC);
     b.extend_from_slice(&s.session_id.to_le_bytes());
     b.push(u8::from(s.established));
-    b.extend_from_slice(&s.cookie.to_le_bytes());
+    b.extend_from_slice(&s.last_cookie.to_le_bytes());
     b.extend_from_slice(&s.heartbeats.to_le_bytes());
+    b.extend_from_slice(&s.view.granted.tick_us.to_le_bytes());
+    b.push(u8::from(s.view.granted.running));
     b.extend_from_slice(&(s.view.cpus.len() as u32).to_le_bytes());
-    for (i, c) in s.view.cpus.iter().enumerate() {
-        let (tag, pid) = match c {
-            CpuState::Unknown => (0u8, 0),
-            CpuState::Idle => (1, 0),
-            CpuState::Committed(p) => (2, *p),
-            CpuState::Running(p) => (3, *p),
-        };
+    for c in &s.view.cpus {
+        let (tag, g) = cpu_state(c.state);
         b.push(tag);
-        b.extend_from_slice(&pid.to_le_bytes());
-        b.extend_from_slice(&s.inflight.get(i).copied().unwrap_or(0).to_le_bytes());
-        b.extend_from_slice(&s.inflight_ns.get(i).copied().unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&g.to_le_bytes());
+        b.extend_from_slice(&(c.pending.len() as u32).to_le_bytes());
+        for p in &c.pending {
+            b.extend_from_slice(&p.0.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&(s.commits.len() as u32).to_le_bytes());
+    for (cpu, c) in &s.commits {
+        b.extend_from_slice(&cpu.to_le_bytes());
+        b.extend_from_slice(&c.cookie.to_le_bytes());
+        b.push(match c.kind {
+            DecisionKind::Run => 0,
+            DecisionKind::Staged => 1,
+            DecisionKind::RunPreempt => 2,
+            DecisionKind::Preempt => 3,
+        });
+        b.extend_from_slice(&c.gtid.0.to_le_bytes());
+        b.extend_from_slice(&c.seq.to_le_bytes());
+        b.extend_from_slice(&c.sent_ns.to_le_bytes());
+        b.extend_from_slice(&c.epoch.to_le_bytes());
     }
     let mut tasks: Vec<&TaskInfo> = s.view.tasks.values().collect();
-    tasks.sort_by_key(|t| t.pid);
+    tasks.sort_by_key(|t| t.gtid.0);
     b.extend_from_slice(&(tasks.len() as u32).to_le_bytes());
     for t in tasks {
-        b.extend_from_slice(&t.pid.to_le_bytes());
+        b.extend_from_slice(&t.gtid.0.to_le_bytes());
         b.extend_from_slice(&t.tgid.to_le_bytes());
         b.extend_from_slice(&t.comm);
         b.extend_from_slice(&t.cpus_allowed.to_le_bytes());
@@ -74,6 +103,8 @@ pub fn encode(s: &SessionState) -> Vec<u8> {
         b.extend_from_slice(&cpu.to_le_bytes());
         b.extend_from_slice(&t.last_cpu.to_le_bytes());
         b.extend_from_slice(&t.runnable_since_ns.to_le_bytes());
+        b.extend_from_slice(&t.runtime_ns.to_le_bytes());
+        b.extend_from_slice(&t.running_since_ns.to_le_bytes());
     }
     b
 }
@@ -106,6 +137,13 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, StateError> {
         Ok(u64::from_le_bytes(self.arr()?))
     }
+    fn flag(&mut self, what: &'static str) -> Result<bool, StateError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(StateError::Field(what)),
+        }
+    }
 }
 
 /// Decode a blob made by [`encode`].
@@ -115,32 +153,63 @@ pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
         return Err(StateError::Magic);
     }
     let session_id = r.u64()?;
-    let established = match r.u8()? {
-        0 => false,
-        1 => true,
-        _ => return Err(StateError::Field("established")),
-    };
-    let cookie = r.u64()?;
+    let established = r.flag("established")?;
+    let last_cookie = r.u64()?;
     let heartbeats = r.u64()?;
+    let tick_us = r.u32()?;
+    let running = r.flag("granted running")?;
     let ncpu = r.u32()?;
     if ncpu == 0 || ncpu > MAX_CPUS {
         return Err(StateError::Field("cpu count"));
     }
     let mut view = SchedView::new(ncpu);
-    let mut inflight = Vec::with_capacity(ncpu as usize);
-    let mut inflight_ns = Vec::with_capacity(ncpu as usize);
+    view.granted = Granted { tick_us, running };
     for c in view.cpus.iter_mut() {
         let tag = r.u8()?;
-        let pid = r.u32()?;
-        *c = match tag {
+        let g = Gtid(r.u64()?);
+        c.state = match tag {
             0 => CpuState::Unknown,
             1 => CpuState::Idle,
-            2 => CpuState::Committed(pid),
-            3 => CpuState::Running(pid),
+            2 => CpuState::Committed(g),
+            3 => CpuState::Running(g),
+            4 => CpuState::Released,
             _ => return Err(StateError::Field("cpu state")),
         };
-        inflight.push(r.u64()?);
-        inflight_ns.push(r.u64()?);
+        let np = r.u32()? as usize;
+        if np > MAX_PENDING {
+            return Err(StateError::Field("pending count"));
+        }
+        for _ in 0..np {
+            c.pending.push(Gtid(r.u64()?));
+        }
+    }
+    let nc = r.u32()? as usize;
+    if nc > MAX_PENDING * ncpu as usize {
+        return Err(StateError::Field("commitment count"));
+    }
+    let mut commits = Vec::with_capacity(nc);
+    for _ in 0..nc {
+        let cpu = r.u16()?;
+        if u32::from(cpu) >= ncpu {
+            return Err(StateError::Field("commitment cpu"));
+        }
+        let cookie = r.u64()?;
+        let kind = match r.u8()? {
+            0 => DecisionKind::Run,
+            1 => DecisionKind::Staged,
+            2 => DecisionKind::RunPreempt,
+            3 => DecisionKind::Preempt,
+            _ => return Err(StateError::Field("commitment kind")),
+        };
+        let c = Commit {
+            cookie,
+            kind,
+            gtid: Gtid(r.u64()?),
+            seq: r.u64()?,
+            sent_ns: r.u64()?,
+            epoch: r.u64()?,
+        };
+        commits.push((cpu, c));
     }
     let ntask = r.u32()? as usize;
     if ntask > MAX_TASKS {
@@ -148,7 +217,7 @@ pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
     }
     let mut tasks = HashMap::with_capacity(ntask);
     for _ in 0..ntask {
-        let pid = r.u32()?;
+        let gtid = Gtid(r.u64()?);
         let tgid = r.u32()?;
         let comm: [u8; COMM_LEN] = r.arr()?;
         let cpus_allowed = r.u64()?;
@@ -169,8 +238,10 @@ pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
         };
         let last_cpu = r.u16()?;
         let runnable_since_ns = r.u64()?;
+        let runtime_ns = r.u64()?;
+        let running_since_ns = r.u64()?;
         let t = TaskInfo {
-            pid,
+            gtid,
             tgid,
             comm,
             cpus_allowed,
@@ -180,8 +251,10 @@ pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
             state,
             last_cpu,
             runnable_since_ns,
+            runtime_ns,
+            running_since_ns,
         };
-        if tasks.insert(pid, t).is_some() {
+        if tasks.insert(gtid, t).is_some() {
             return Err(StateError::Field("duplicate task"));
         }
     }
@@ -193,9 +266,8 @@ pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
         session_id,
         established,
         view,
-        cookie,
-        inflight,
-        inflight_ns,
+        commits,
+        last_cookie,
         heartbeats,
     })
 }
@@ -206,29 +278,35 @@ mod tests {
 
     fn sample() -> SessionState {
         let mut view = SchedView::new(2);
-        view.cpus = vec![CpuState::Committed(7), CpuState::Running(0)];
-        view.tasks.insert(
-            7,
-            TaskInfo {
-                pid: 7,
-                tgid: 7,
-                comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
-                cpus_allowed: 3,
-                weight: 100,
-                nice: -5,
-                seq: 42,
-                state: TaskState::Dispatched(0),
-                last_cpu: 1,
-                runnable_since_ns: 123,
-            },
-        );
+        view.cpus[0].state = CpuState::Running(Gtid::new(7, 1));
+        view.cpus[1].state = CpuState::Released;
+        view.granted = Granted {
+            tick_us: 1000,
+            running: true,
+        };
+        let mut t = TaskInfo::new(Gtid::new(7, 1), 3);
+        t.comm[..6].copy_from_slice(b"worker");
+        t.nice = -5;
+        t.seq = 42;
+        t.state = TaskState::Running(0);
+        t.last_cpu = 1;
+        t.runtime_ns = 99;
+        view.tasks.insert(t.gtid, t);
+        view.cpus[0].pending.push(Gtid::new(7, 1));
+        let commit = Commit {
+            cookie: 17,
+            kind: DecisionKind::Staged,
+            gtid: Gtid::new(7, 1),
+            seq: 42,
+            sent_ns: 5,
+            epoch: 2,
+        };
         SessionState {
             session_id: 99,
             established: true,
             view,
-            cookie: 17,
-            inflight: vec![17, 0],
-            inflight_ns: vec![5, 0],
+            commits: vec![(0, commit)],
+            last_cookie: 17,
             heartbeats: 3,
         }
     }
@@ -239,15 +317,16 @@ mod tests {
         let d = decode(&encode(&s)).unwrap();
         assert_eq!(d.session_id, 99);
         assert!(d.established);
-        assert_eq!(d.cookie, 17);
+        assert_eq!(d.last_cookie, 17);
         assert_eq!(d.heartbeats, 3);
-        assert_eq!(d.inflight, vec![17, 0]);
-        assert_eq!(d.inflight_ns, vec![5, 0]);
         assert_eq!(d.view.cpus, s.view.cpus);
-        let t = &d.view.tasks[&7];
+        assert_eq!(d.view.granted, s.view.granted);
+        assert_eq!(d.commits, s.commits);
+        let t = &d.view.tasks[&Gtid::new(7, 1)];
         assert_eq!(t.nice, -5);
         assert_eq!(t.seq, 42);
-        assert_eq!(t.state, TaskState::Dispatched(0));
+        assert_eq!(t.runtime_ns, 99);
+        assert_eq!(t.state, TaskState::Running(0));
         assert_eq!(&t.comm[..6], b"worker");
     }
 
@@ -267,7 +346,7 @@ mod tests {
         e[16] = 2; // established must be 0 or 1
         assert_eq!(decode(&e).err(), Some(StateError::Field("established")));
         let mut c = b;
-        c[33..37].copy_from_slice(&0u32.to_le_bytes()); // cpu count
+        c[38..42].copy_from_slice(&0u32.to_le_bytes()); // cpu count
         assert_eq!(decode(&c).err(), Some(StateError::Field("cpu count")));
     }
 }

@@ -1,4 +1,8 @@
 //! `milk-vmm`: boot a MiLK guest under KVM (or QEMU TCG where KVM cannot run it).
+//!
+//! The thin front: command line, engine choice and QEMU runs (`milk-launcher`), the KVM
+//! VMM (this package's library), the control socket (`milk-control`), and one outcome
+//! ([`milk_launcher::Run`]) whatever ran the guest.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -7,12 +11,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use milk_control::{ControlServer, VmControl};
+use milk_launcher::{choose_engine, detect_kvm, End, Engine, EngineChoice, Run, StopFn};
 use milk_policy_daemon::frontend::FrontendSlot;
 use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
-use milk_vmm::engine::StopFn;
-use milk_vmm::{
-    choose_engine, detect_kvm, exit_code, Engine, EngineChoice, ExitReason, Vm, VmConfig,
-};
+use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
 use virtio_milk::control::PolicyControl;
 
 const EXAMPLES: &str = "\
@@ -145,10 +147,6 @@ impl Api {
             vm.set_remote_swap(Arc::new(SocketSwap(slot)));
         }
     }
-
-    fn stop_requested(&self) -> bool {
-        self.vm.as_ref().is_some_and(|v| v.stop_requested())
-    }
 }
 
 type NewVm = (Vm, Option<MilkControl>, Option<FrontendSlot>);
@@ -229,15 +227,37 @@ fn run_kvm(
     }
     let result = vm.run();
     // The VM and its devices are gone: every runtime summary is in.
-    if let Some(c) = control {
-        print_summaries(&c.summaries());
-    }
     match result {
-        Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
+        Ok(outcome) => Run {
+            engine: Engine::Kvm,
+            end: kvm_end(&outcome),
+            summaries: control.map(|c| c.summaries()),
+        }
+        .report(),
         Err(e) => {
+            if let Some(c) = control {
+                for s in c.summaries() {
+                    println!("{s}");
+                }
+            }
             eprintln!("milk-vmm: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// How a KVM run ended, in the launcher's terms.
+fn kvm_end(o: &VmOutcome) -> End {
+    if let Some(s) = o.result {
+        return End::Result(s);
+    }
+    match &o.exit {
+        r if r.is_clean() => End::NoResult(r.to_string()),
+        ExitReason::Timeout => End::Timeout,
+        ExitReason::Signal(s) => End::Signal(*s),
+        ExitReason::GuestFault(w) => End::GuestFault(w.clone()),
+        ExitReason::Stopped => End::Stopped,
+        other => End::Failed(other.to_string()),
     }
 }
 
@@ -248,18 +268,9 @@ fn policy_help() -> String {
          host-side policy; a summary (messages, decisions, rejections, fallbacks, \
          event -> decision latency) is printed at exit. Under QEMU guest memory is limited \
          to {} MiB. Known policies: {}",
-        milk_vmm::engine::QEMU_MILK_MAX_MEMORY_MIB,
+        milk_launcher::QEMU_MILK_MAX_MEMORY_MIB,
         milk_policies::names().join(", ")
     )
-}
-
-fn print_summaries(summaries: &[virtio_milk::metrics::Summary]) {
-    if summaries.is_empty() {
-        println!("virtio-milk summary: the guest driver never started the device");
-    }
-    for s in summaries {
-        println!("{s}");
-    }
 }
 
 fn main() -> ExitCode {
@@ -273,7 +284,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> i32 {
     if let Some(p) = &cli.policy {
-        if let Err(e) = milk_vmm::engine::check_policy(p) {
+        if let Err(e) = milk_launcher::qemu::check_policy(p) {
             eprintln!("milk-vmm: {e}");
             return e.exit_code();
         }
@@ -319,65 +330,47 @@ fn run(cli: Cli) -> i32 {
         server: None,
         vm: None,
     };
-    let mut on_start =
-        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
-    let status = match engine {
-        Engine::Qemu if cli.policy_socket.is_some() => {
-            let sock = cli.policy_socket.as_deref().unwrap_or(Path::new(""));
-            let api_cell = std::cell::RefCell::new(&mut api);
-            let mut on_vhost = |slot: FrontendSlot, stop: StopFn| {
-                let mut a = api_cell.borrow_mut();
-                a.open("qemu", None, stop)?;
-                a.set_remote(slot);
-                Ok(())
-            };
-            match milk_vmm::qemu_vhost_user::run_qemu_vhost_user(&config, sock, &mut on_vhost) {
-                Ok(r) => r.ok_or(()),
-                Err(e) => {
-                    eprintln!("milk-vmm: {e}");
-                    return e.exit_code();
-                }
-            }
-        }
-        Engine::Qemu if cli.policy.is_some() => {
-            let policy = cli.policy.as_deref().unwrap_or_default();
-            match milk_vmm::engine::run_qemu_milk(&config, policy, &mut on_start) {
-                Ok(run) => {
-                    print_summaries(&run.summaries);
-                    run.result.ok_or(())
-                }
-                Err(e) => {
-                    eprintln!("milk-vmm: {e}");
-                    return e.exit_code();
-                }
-            }
-        }
-        Engine::Qemu => match milk_vmm::engine::run_qemu(&config, &mut on_start) {
-            Ok(r) => r.ok_or(()),
+    if engine == Engine::Kvm {
+        return run_kvm(
+            config,
+            cli.echo_device,
+            cli.policy.as_deref(),
+            cli.policy_socket.as_deref(),
+            &mut api,
+        );
+    }
+    let guest = milk_launcher::GuestConfig {
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cmdline: config.cmdline.clone(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        serial_log: config.serial_log.clone(),
+        echo_console: config.echo_console,
+        timeout: config.timeout,
+        policy: cli.policy.clone(),
+    };
+    if let Some(sock) = &cli.policy_socket {
+        let mut on_start = |slot: FrontendSlot, stop: StopFn| {
+            api.open("qemu", None, stop)?;
+            api.set_remote(slot);
+            Ok(())
+        };
+        return match milk_launcher::run_qemu_vhost_user(&guest, sock, &mut on_start) {
+            Ok(run) => run.report(),
             Err(e) => {
                 eprintln!("milk-vmm: {e}");
-                return e.exit_code();
+                e.exit_code()
             }
-        },
-        Engine::Kvm => {
-            return run_kvm(
-                config,
-                cli.echo_device,
-                cli.policy.as_deref(),
-                cli.policy_socket.as_deref(),
-                &mut api,
-            )
-        }
-    };
-    match status {
-        Ok(s) => s,
-        Err(()) if api.stop_requested() => {
-            eprintln!("milk-vmm: stopped on request");
-            0
-        }
-        Err(()) => {
-            eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-            exit_code::NO_RESULT
+        };
+    }
+    let mut on_start =
+        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
+    match milk_launcher::run_qemu(&guest, &mut on_start) {
+        Ok(run) => run.report(),
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            e.exit_code()
         }
     }
 }

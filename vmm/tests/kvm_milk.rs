@@ -52,7 +52,7 @@ fn cli_kvm_policy_fifo_round_trip() {
     );
     assert!(stdout.contains("milk: host HELLO, policy fifo"), "{stdout}");
     assert!(
-        stdout.contains("milk: RUN pid=4242 cpu=0 seq=2 "),
+        stdout.contains("milk: RUN pid=4242 gen=1 cpu=0 seq=2 "),
         "the guest saw the RUN with the task's seq:\n{stdout}"
     );
     assert!(stdout.contains("milk: round trip ok"), "{stdout}");

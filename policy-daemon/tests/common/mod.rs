@@ -18,8 +18,8 @@ use milk_policy_daemon::frontend::{DeviceSetup, RingSetup};
 use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
 use virtio_milk::metrics::monotonic_ns;
 use virtio_milk::protocol::{
-    msg, pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
-    TaskEventKind, DEVICE_FEATURES, RECORD_SIZE,
+    msg, pack_name, parse_record, AckInfo, AckStatus, DecisionInfo, Direction, EventInfo, Gtid,
+    Message, SessionInfo, TaskEventKind, TaskNewInfo, DEVICE_FEATURES, RECORD_SIZE, WAKE_NEW,
 };
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -39,7 +39,7 @@ pub struct FakeGuest {
     queues: Vec<DriverQueue>,
     pub kicks: Vec<EventFd>,
     pub calls: Vec<EventFd>,
-    tasks: HashMap<u32, Task>,
+    tasks: HashMap<Gtid, Task>,
     pending: Vec<Vec<[u8; RECORD_SIZE]>>,
     /// Current session (0: none).
     pub session: u64,
@@ -89,7 +89,7 @@ impl FakeGuest {
             tasks: (0..tasks)
                 .map(|i| {
                     (
-                        1000 + i,
+                        Gtid::new(1000 + i, 1),
                         Task {
                             seq: 0,
                             runnable: false,
@@ -160,33 +160,37 @@ impl FakeGuest {
     fn announce_all(&mut self) {
         let now = monotonic_ns();
         let cpus = self.cpus;
-        let mut pids: Vec<u32> = self.tasks.keys().copied().collect();
-        pids.sort_unstable();
-        for pid in pids {
-            let home = (pid % u32::from(cpus)) as u16;
-            let t = self.tasks.get_mut(&pid).unwrap();
+        let mut gtids: Vec<Gtid> = self.tasks.keys().copied().collect();
+        gtids.sort_unstable();
+        for gtid in gtids {
+            let home = (gtid.pid() % u32::from(cpus)) as u16;
+            let t = self.tasks.get_mut(&gtid).unwrap();
             t.seq += 1;
-            let new = Message::TaskNew {
+            let new = Message::TaskNew(TaskNewInfo {
                 cpu: home,
-                pid,
-                tgid: pid,
+                gtid,
                 seq: t.seq,
                 ts_ns: now,
                 comm: pack_name("fake"),
                 cpus_allowed: u64::MAX >> (64 - u32::from(cpus)),
+                tgid: gtid.pid(),
                 weight: 100,
                 nice: 0,
-            };
+            });
             t.seq += 1;
             t.runnable = true;
-            let wake = Message::Task {
-                kind: TaskEventKind::Wakeup,
-                cpu: home,
-                pid,
-                arg: 0,
-                seq: t.seq,
-                ts_ns: now,
-            };
+            let wake = Message::Task(
+                TaskEventKind::Wakeup,
+                EventInfo {
+                    cpu: home,
+                    gtid,
+                    seq: t.seq,
+                    ts_ns: now,
+                    arg: WAKE_NEW,
+                    src_cpu: home,
+                    ..Default::default()
+                },
+            );
             self.queue(home, new);
             self.queue(home, wake);
         }
@@ -198,16 +202,16 @@ impl FakeGuest {
         }
         self.queue(
             d.cpu,
-            Message::Ack {
+            Message::Ack(AckInfo {
                 cpu: d.cpu,
-                pid: d.pid,
+                gtid: d.gtid,
                 status,
                 seq: d.seq,
                 ts_ns: monotonic_ns(),
                 cookie: d.cookie,
                 decision_type: ty,
                 target_cpu: d.cpu,
-            },
+            }),
         );
     }
 
@@ -243,7 +247,7 @@ impl FakeGuest {
             }
             Message::Heartbeat(_) => {}
             Message::Run(d) => {
-                let status = match self.tasks.get(&d.pid) {
+                let status = match self.tasks.get(&d.gtid) {
                     None => AckStatus::NoTask,
                     Some(t) if t.seq != d.seq => AckStatus::Stale,
                     Some(t) if !t.runnable => AckStatus::NotRunnable,
@@ -256,26 +260,20 @@ impl FakeGuest {
                 }
                 let now = monotonic_ns();
                 self.run_times.push(now);
-                let t = self.tasks.get_mut(&d.pid).unwrap();
+                let t = self.tasks.get_mut(&d.gtid).unwrap();
                 // Runs for no time, blocks, wakes again on the CPU it ran on.
-                t.seq += 1;
-                let blocked = Message::Task {
-                    kind: TaskEventKind::Blocked,
+                let ev = |seq| EventInfo {
                     cpu: d.cpu,
-                    pid: d.pid,
-                    arg: 0,
-                    seq: t.seq,
+                    gtid: d.gtid,
+                    seq,
                     ts_ns: now,
+                    src_cpu: d.cpu,
+                    ..Default::default()
                 };
                 t.seq += 1;
-                let wake = Message::Task {
-                    kind: TaskEventKind::Wakeup,
-                    cpu: d.cpu,
-                    pid: d.pid,
-                    arg: 0,
-                    seq: t.seq,
-                    ts_ns: now,
-                };
+                let blocked = Message::Task(TaskEventKind::Blocked, ev(t.seq));
+                t.seq += 1;
+                let wake = Message::Task(TaskEventKind::Wakeup, ev(t.seq));
                 self.queue(d.cpu, blocked);
                 self.queue(d.cpu, wake);
             }

@@ -16,7 +16,7 @@ use milk_ivshmem::regs::{status as st, QueueSlot};
 use milk_ivshmem::{IvshmemTransport, TransportConfig};
 use virtio_milk::device::MilkDevice;
 use virtio_milk::loopback::DriverQueue;
-use virtio_milk::policy::{Decision, Policy, PolicyEvent, SchedView};
+use virtio_milk::policy::{Dispatcher, Policy, PolicyEvent, SchedView};
 use virtio_milk::protocol::{
     pack_name, parse_record, Direction, Message, SessionInfo, RECORD_SIZE, VIRTIO_ID_MILK,
 };
@@ -31,7 +31,7 @@ impl Policy for Idle {
     }
     fn attach(&mut self, _: &SchedView) {}
     fn on_event(&mut self, _: &PolicyEvent, _: &SchedView) {}
-    fn schedule(&mut self, _: &SchedView, _: &mut Vec<Decision>) {}
+    fn schedule(&mut self, _: &mut Dispatcher<'_>) {}
 }
 
 const QSIZE: u16 = 64;
@@ -128,6 +128,7 @@ fn virtio_milk_runtime_talks_to_a_driver_through_the_transport() {
         ts_ns: 1,
         counter: 0,
         name: pack_name("linux"),
+        ..Default::default()
     });
     mem.write_slice(&mine.encode(), GuestAddress(EVENT_BUF))
         .unwrap();
