@@ -46,12 +46,12 @@ fn cli_kvm_policy_socket_round_trip() {
     assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("virtio-milk device"), "{stdout}");
     assert!(
-        stdout.contains("milk: config num_cpus=1 version=1 record_size=64"),
+        stdout.contains("milk: config num_cpus=1 version=2 record_size=64"),
         "config space comes from the daemon:\n{stdout}"
     );
     assert!(stdout.contains("milk: host HELLO, policy fifo"), "{stdout}");
     assert!(
-        stdout.contains("milk: RUN pid=4242 cpu=0 seq=2 "),
+        stdout.contains("milk: RUN pid=4242 gen=1 cpu=0 seq=2 "),
         "{stdout}"
     );
     assert!(stdout.contains("milk: round trip ok"), "{stdout}");
