@@ -41,10 +41,23 @@ const COUNT_TASKS: &str = "n=$(cat /proc/[0-9]*/task/[0-9]*/stat 2>/dev/null|awk
 /// One guest at a time (two TCG guests on two cores would distort the timings).
 static ONE_GUEST: Mutex<()> = Mutex::new(());
 
+/// The project's guest, or `MILK_VMLINUX` / `MILK_INITRAMFS` (a kernel under test).
 fn spec(script: &str) -> GuestSpec {
-    let g = milk_tests::guest();
-    let mut spec = GuestSpec::new(&g.kernel.vmlinux);
-    spec.initrd = Some(g.initrd.clone());
+    let (vmlinux, initrd) = match (
+        std::env::var_os("MILK_VMLINUX"),
+        std::env::var_os("MILK_INITRAMFS"),
+    ) {
+        (Some(k), Some(i)) => (PathBuf::from(k), PathBuf::from(i)),
+        (k, i) => {
+            let g = milk_tests::guest();
+            (
+                k.map_or(g.kernel.vmlinux, PathBuf::from),
+                i.map_or(g.initrd, PathBuf::from),
+            )
+        }
+    };
+    let mut spec = GuestSpec::new(&vmlinux);
+    spec.initrd = Some(initrd);
     spec.cpus = CPUS;
     spec.timeout = Duration::from_secs(240);
     spec.cmdline = format!("milk.run=\"{script}\"");
@@ -136,12 +149,15 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
     let sock0 = dir.path().join("d0.sock");
     let first = Daemon::start(&sock0, CPUS as u16);
     let script = format!(
-        "{WAIT_ENABLED}W;milk-mon -i 10 & m=$!;milk-work -t 64 -r 60 -w 40000 -s 5000;r=$?;\
+        "{WAIT_ENABLED}W;milk-mon -i 10 & m=$!;milk-work -t 64 -r 400 -w 40000 -s 5000;r=$?;\
          usleep 200000;{COUNT_TASKS}usleep 1000000;echo COUNTED;usleep 1500000;kill $m;{PRINT_COUNTERS}exit $r"
     );
     let spec = spec(&script);
     let daemons: Arc<Mutex<Vec<Daemon>>> = Arc::new(Mutex::new(vec![first]));
     let reports: Arc<Mutex<Vec<SwapReport>>> = Arc::default();
+    // Set when the workload's summary line appears: every swap must come before it.
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let late_swaps = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut swapper = None;
     let mut guest_tasks = None;
     let mut final_report = None;
@@ -149,6 +165,7 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
     let (out, _slot) = run(&spec, dir.path(), &sock0, &mut |l, slot| {
         if l.contains("milk-work: start") && swapper.is_none() {
             let (slot, daemons, reports) = (slot.clone(), daemons.clone(), reports.clone());
+            let (done, late) = (done.clone(), late_swaps.clone());
             let dir: PathBuf = dir.path().to_owned();
             swapper = Some(std::thread::spawn(move || {
                 for i in 1..=5 {
@@ -156,6 +173,9 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
                     let p = dir.join(format!("d{i}.sock"));
                     let d = Daemon::start(&p, CPUS as u16);
                     let r = slot.swap(&p).expect("planned swap");
+                    if done.load(std::sync::atomic::Ordering::Acquire) {
+                        late.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                    }
                     println!(
                         "swap {i}: blackout {:?} prepare {:?} state {} B, {} tasks, rings {:?}",
                         r.blackout,
@@ -168,6 +188,8 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
                     daemons.lock().unwrap().push(d);
                 }
             }));
+        } else if l.contains("milk-work: threads=") {
+            done.store(true, std::sync::atomic::Ordering::Release);
         } else if let Some(n) = from(l, "TASKS ").map(|m| &m[6..]) {
             guest_tasks = Some(
                 n.split_whitespace()
@@ -200,7 +222,12 @@ fn five_planned_swaps_during_a_workload_keep_sched_ext_enabled() {
         "milk-mon saw sched_ext disabled"
     );
     let reports = reports.lock().unwrap().clone();
-    assert_eq!(reports.len(), 5, "all swaps happened during the workload");
+    assert_eq!(reports.len(), 5);
+    assert_eq!(
+        late_swaps.load(std::sync::atomic::Ordering::Acquire),
+        0,
+        "every swap happened during the workload"
+    );
     let end = out
         .console
         .iter()

@@ -38,10 +38,19 @@ fn daemon_on(sock: &Path) -> JoinHandle<Arc<MilkBackend>> {
 
 #[test]
 fn qemu_engine_policy_socket_swap_through_the_control_socket() {
-    let vmlinux = milk_guest_kernel::ensure_built()
-        .expect("guest kernel")
-        .vmlinux;
-    let initrd = milk_images::ensure_initramfs().expect("initramfs");
+    // The project's guest, or MILK_VMLINUX / MILK_INITRAMFS (a kernel under test).
+    let vmlinux = std::env::var_os("MILK_VMLINUX").map_or_else(
+        || {
+            milk_guest_kernel::ensure_built()
+                .expect("guest kernel")
+                .vmlinux
+        },
+        std::path::PathBuf::from,
+    );
+    let initrd = std::env::var_os("MILK_INITRAMFS").map_or_else(
+        || milk_images::ensure_initramfs().expect("initramfs"),
+        std::path::PathBuf::from,
+    );
     let dir = tempfile::tempdir().unwrap();
     let (s0, s1, api) = (
         dir.path().join("d0.sock"),
