@@ -681,7 +681,10 @@ fn supervise(sh: &Shared) {
                 }
             }
             None => {
-                try_reconnect(sh);
+                if try_reconnect(sh) {
+                    // Watch the new link at once (a daemon can die right away too).
+                    continue;
+                }
                 let mut p = libc::pollfd {
                     fd: sh.wake.as_raw_fd(),
                     events: libc::POLLIN,
@@ -721,17 +724,18 @@ fn on_hangup(sh: &Shared, fd: RawFd) {
     st.events.push(FrontendEvent::HungUp { at_ns, goodbye });
 }
 
-fn try_reconnect(sh: &Shared) {
+/// Returns whether a daemon serves the rings now.
+fn try_reconnect(sh: &Shared) -> bool {
     let mut st = sh.lock();
     if st.link.is_some() {
-        return;
+        return true;
     }
     let path = st.path.clone();
     let mut link = match Link::connect(&path, st.dev.rings.len()) {
         Ok(l) => l,
         Err(e) => {
             log::trace!("reconnect: {e}");
-            return;
+            return false;
         }
     };
     let started = check_config(&link, &st.dev).and_then(|()| {
@@ -752,8 +756,12 @@ fn try_reconnect(sh: &Shared) {
                 at_ns: monotonic_ns(),
                 bases,
             });
+            true
         }
-        Err(e) => log::warn!("policy daemon at {}: {e}", path.display()),
+        Err(e) => {
+            log::warn!("policy daemon at {}: {e}", path.display());
+            false
+        }
     }
 }
 
