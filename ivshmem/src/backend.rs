@@ -47,6 +47,12 @@ impl Interrupts {
         self.fds.len()
     }
 
+    /// The eventfd of vector `vector` (to hand to another process, e.g. as a
+    /// vhost-user call eventfd).
+    pub fn vector_fd(&self, vector: u16) -> Option<&EventFd> {
+        self.fds.get(usize::from(vector))
+    }
+
     /// Raises MSI-X vector `vector`.
     pub fn signal_vector(&self, vector: u16) -> io::Result<()> {
         match self.fds.get(usize::from(vector)) {

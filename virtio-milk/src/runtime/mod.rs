@@ -14,6 +14,7 @@ pub mod acks;
 mod cpus;
 mod dispatch;
 mod handle;
+mod handover;
 mod inject;
 mod session;
 mod swap;
@@ -32,6 +33,7 @@ use crate::protocol::{Message, BYE_RESYNC, BYE_STOP, DEFAULT_HEARTBEAT_MS};
 use crate::queue::QueueEngine;
 
 pub use handle::{Control, RuntimeHandle};
+pub use handover::SessionState;
 pub use inject::{RawDecision, RawKind, INJECTED_COOKIE, UNKNOWN_GENERATION};
 
 use acks::Commitments;

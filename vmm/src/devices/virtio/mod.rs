@@ -16,6 +16,7 @@
 pub mod echo;
 pub mod milk;
 pub mod mmio;
+pub mod vhost_user;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
