@@ -209,7 +209,7 @@ fn bad_requests_get_errors_and_change_nothing() {
         ("{\"cmd\":\"swap\",\"policy\":\"nope\"}", "unknown policy"),
         (
             "{\"cmd\":\"swap\",\"policy\":\"fifo:bogus=1\"}",
-            "no parameter",
+            "unknown parameter",
         ),
         ("{\"cmd\":\"swap\"}", "needs a policy"),
         ("{\"cmd\":\"pause\",\"now\":true}", "unknown field"),

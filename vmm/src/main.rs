@@ -30,7 +30,7 @@ Examples:
 
   # With a control socket; from another shell swap the policy live.
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
-  milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
+  milkctl --api-sock /tmp/milk.sock swap rr
 
 Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
@@ -141,8 +141,15 @@ fn new_vm(
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
-        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
-        vm.add_virtio_device(Box::new(dev))?;
+        #[cfg(feature = "test-devices")]
+        {
+            let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+            vm.add_virtio_device(Box::new(dev))?;
+        }
+        #[cfg(not(feature = "test-devices"))]
+        return Err(milk_vmm::VmmError::InvalidConfig(
+            "--echo-device needs milk-vmm built with the test-devices feature".into(),
+        ));
     }
     let mut control = None;
     if let Some(spec) = policy {
