@@ -121,8 +121,11 @@ struct virtio_milk_hdr {
 	__le16 len;		/* whole record incl. header: VIRTIO_MILK_RECORD_SIZE */
 	__u8 version;		/* VIRTIO_MILK_PROTO_VERSION */
 	__u8 flags;		/* reserved, 0 */
-	__le16 cpu;		/* task events: task_cpu(p); CPU events and ACK: that CPU;
-				 * decisions: target CPU; session records: 0 */
+	/*
+	 * Task events: task_cpu(p); CPU events and ACK: that CPU;
+	 * decisions: the target CPU; session records: 0.
+	 */
+	__le16 cpu;
 };
 
 /*
