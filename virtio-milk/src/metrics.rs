@@ -311,6 +311,9 @@ pub struct Summary {
     pub session_established: bool,
     /// Tasks in the runtime's task table.
     pub tasks: usize,
+    /// Decisions sent and not acknowledged when the summary was taken
+    /// (commitments still held; at the end: CPUs left committed).
+    pub outstanding: usize,
 }
 
 fn fmt_ns(ns: u64) -> String {
@@ -365,8 +368,8 @@ impl fmt::Display for Summary {
         )?;
         writeln!(
             f,
-            "  commitments: {} timed out, {} resolved by cpu events, {} late OK acks",
-            m.commit_timeouts, m.commits_resolved_by_cpu_event, m.late_ok_acks
+            "  commitments: {} timed out, {} resolved by cpu events, {} late OK acks, {} outstanding",
+            m.commit_timeouts, m.commits_resolved_by_cpu_event, m.late_ok_acks, self.outstanding
         )?;
         if m.version_refusals > 0 {
             writeln!(

@@ -219,6 +219,7 @@ impl<M: GuestMemory> Runtime<M> {
             session_id: self.session_id,
             session_established: self.established,
             tasks: self.view.tasks.len(),
+            outstanding: self.commits.len(),
         }
     }
 

@@ -66,6 +66,9 @@ pub struct HostCounts {
     pub acks: u64,
     /// Acks that matched no decision in flight.
     pub unmatched: u64,
+    /// Decisions the runtime still waited for when it stopped (CPUs left
+    /// committed), when the source says.
+    pub outstanding: Option<u64>,
     /// Decision -> applied p50, µs (None when the source does not say).
     pub apply_p50_us: Option<f64>,
 }
@@ -86,6 +89,7 @@ impl HostCounts {
                 ack(AckStatus::Stale) + ack(AckStatus::NotRunnable) + ack(AckStatus::NoTask);
             h.acks += m.acks_total() - m.injected_acks.iter().sum::<u64>();
             h.unmatched += m.unmatched_acks;
+            *h.outstanding.get_or_insert(0) += s.outstanding as u64;
             apply.merge(&m.apply_latency);
         }
         h.apply_p50_us = (apply.count() > 0).then(|| apply.percentile(50.0) as f64 / 1e3);
@@ -113,6 +117,9 @@ impl HostCounts {
                         h.rejected += n;
                     }
                 }
+            } else if l.starts_with("commitments:") && l.ends_with(" outstanding") {
+                let n = l.trim_end_matches(" outstanding").rsplit(' ').next()?;
+                *h.outstanding.get_or_insert(0) += n.parse::<u64>().ok()?;
             } else if l.starts_with("protocol errors:") {
                 let at = l.find(" unmatched acks")?;
                 h.unmatched += l[..at].rsplit(' ').next()?.parse::<u64>().ok()?;
@@ -134,10 +141,12 @@ pub fn fidelity(guest: &BTreeMap<String, String>, host: Option<&HostCounts>) -> 
     if let Some(h) = host {
         f.decisions = h.decisions;
         f.rejected = h.rejected;
-        // Each matched ack resolves one decision; the rest hold a CPU.
-        f.unacked = h
-            .decisions
-            .saturating_sub(h.acks.saturating_sub(h.unmatched));
+        // What the runtime says, or: each matched ack resolves one
+        // decision, the rest hold a CPU.
+        f.unacked = h.outstanding.unwrap_or_else(|| {
+            h.decisions
+                .saturating_sub(h.acks.saturating_sub(h.unmatched))
+        });
         f.apply_p50_us = h.apply_p50_us;
     }
     f
@@ -406,6 +415,15 @@ mod tests {
         );
         let f = fidelity(&BTreeMap::new(), Some(&h));
         assert_eq!(f.unacked, 3);
+        assert_eq!(h.outstanding, None);
+        let mut v2 = text.clone();
+        v2.push(
+            "  commitments: 1 timed out, 2 resolved by cpu events, 0 late OK acks, 2 outstanding"
+                .into(),
+        );
+        let h2 = HostCounts::parse(&v2).unwrap();
+        assert_eq!(h2.outstanding, Some(2));
+        assert_eq!(fidelity(&BTreeMap::new(), Some(&h2)).unacked, 2);
         assert_eq!(HostCounts::parse(&text[..1]), None);
         let mut bad = text.clone();
         bad[3] = "  acks: OK many".into();
