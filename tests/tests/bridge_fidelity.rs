@@ -240,22 +240,17 @@ fn decisions_run_as_made_and_a_policy_swap_keeps_the_session() {
     );
     assert_eq!(counter(&c, "disables"), 0, "swap disabled sched_ext: {c:?}");
     assert_eq!(counter(&c, "records_lost"), 0, "{c:?}");
-    // Every decision the guest received got exactly one ack.
-    let acked: u64 = [
-        "decisions_applied",
-        "rejected_stale",
-        "rejected_no_task",
-        "rejected_bad_cpu",
-        "rejected_not_runnable",
-        "rejected_dropped",
-    ]
-    .iter()
-    .map(|n| counter(&c, n))
-    .sum();
-    assert!(
-        acked <= received && received - acked <= 2 * CPUS as u64,
-        "acks {acked} vs decisions {received}: only RUNs still staged may be unacked"
-    );
+    // Every decision got exactly one ack (counted by the host at the end;
+    // the guest's counters are read while the shell still gets RUNs).
+    for s in &run.summaries {
+        let m = &s.metrics;
+        let acks: u64 = m.acks.iter().sum::<u64>() - m.injected_acks.iter().sum::<u64>();
+        assert_eq!(
+            acks,
+            m.decisions_run + m.decisions_preempt,
+            "decisions without exactly one ack: {s}"
+        );
+    }
 }
 
 #[test]
