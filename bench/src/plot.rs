@@ -1,5 +1,6 @@
 //! SVG plots (plotters): latency CDFs and throughput bars, written from the
-//! same report the table prints.
+//! same report the table prints, and [`spread_bars`], generic median and
+//! min–max bars on a log axis (also drawn by `cargo xtask compare`).
 
 use crate::report::{ChannelReport, Outcome, Report};
 use plotters::prelude::*;
@@ -91,54 +92,114 @@ fn latency_cdf(file: &Path, title: &str, chans: &[&ChannelReport]) -> Result<(),
 }
 
 fn throughput_bars(file: &Path, r: &Report) -> Result<(), PlotError> {
-    let rows: Vec<(String, f64, f64, f64)> = measured(r)
+    let rows: Vec<SpreadBar> = measured(r)
         .filter_map(|c| match &c.outcome {
-            Outcome::Measured { tput_spread, .. } => Some((
-                c.name.clone(),
-                tput_spread.median,
-                tput_spread.min,
-                tput_spread.max,
-            )),
+            Outcome::Measured { tput_spread, .. } => Some((c, tput_spread)),
             _ => None,
         })
+        .enumerate()
+        .map(|(i, (c, t))| SpreadBar {
+            label: c.name.clone(),
+            median: t.median,
+            min: t.min,
+            max: t.max,
+            color: i,
+        })
         .collect();
+    let hi = rows.iter().map(|r| r.max).fold(1e6, f64::max) * 1.5;
+    let floor = rows.iter().map(|r| r.min).fold(1e4, f64::min).max(100.0);
+    let lo = 10f64.powf(floor.log10().floor());
+    spread_bars(
+        file,
+        "Streaming throughput, 64-byte messages (median of runs, whiskers min–max)",
+        "messages per second (log scale)",
+        &rows,
+        Some((lo, hi)),
+        None,
+    )
+}
+
+/// One bar of [`spread_bars`]: a label and the median, min and max of its runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpreadBar {
+    /// Row label.
+    pub label: String,
+    /// Bar length.
+    pub median: f64,
+    /// Whisker start.
+    pub min: f64,
+    /// Whisker end.
+    pub max: f64,
+    /// Palette index of the bar's colour (bars of one series share one).
+    pub color: usize,
+}
+
+/// Horizontal bars on a log axis, row 0 on top: each bar the median, its
+/// whisker min–max. `x_range` defaults to the data's, widened to whole
+/// decades; `reference` draws a vertical line (e.g. 1.0 on a ratio axis).
+pub fn spread_bars(
+    file: &Path,
+    title: &str,
+    x_desc: &str,
+    rows: &[SpreadBar],
+    x_range: Option<(f64, f64)>,
+    reference: Option<f64>,
+) -> Result<(), PlotError> {
     let n = rows.len().max(1);
+    let positive = |v: f64| if v > 0.0 { v } else { f64::INFINITY };
+    let (lo, hi) = x_range.unwrap_or_else(|| {
+        let min = rows
+            .iter()
+            .map(|r| positive(r.min.min(r.median)))
+            .chain(reference)
+            .fold(f64::INFINITY, f64::min);
+        let max = rows
+            .iter()
+            .map(|r| r.max.max(r.median))
+            .chain(reference)
+            .fold(0.0, f64::max);
+        let min = if min.is_finite() { min } else { 1.0 };
+        let max = if max > min { max } else { min * 10.0 };
+        (
+            10f64.powf(min.log10().floor()),
+            10f64.powf(max.log10().ceil()),
+        )
+    });
+    let label_px = rows.iter().map(|r| r.label.len()).max().unwrap_or(8) as u32 * 8 + 20;
     let root = SVGBackend::new(file, (1100, 120 + 28 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(draw_err(file))?;
-    let hi = rows.iter().map(|r| r.3).fold(1e6, f64::max) * 1.5;
-    let floor = rows.iter().map(|r| r.2).fold(1e4, f64::min).max(100.0);
-    let lo = 10f64.powf(floor.log10().floor());
-    let names: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let names: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "Streaming throughput, 64-byte messages (median of runs, whiskers min–max)",
-            ("sans-serif", 20),
-        )
+        .caption(title, ("sans-serif", 20))
         .margin(15)
         .x_label_area_size(40)
-        .y_label_area_size(290)
+        .y_label_area_size(label_px)
         .build_cartesian_2d((lo..hi).log_scale(), (0..n).into_segmented())
         .map_err(draw_err(file))?;
     chart
         .configure_mesh()
-        .x_desc("messages per second (log scale)")
+        .x_desc(x_desc)
         .y_labels(n)
         .y_label_formatter(&|v| match v {
             // Row 0 at the top.
-            SegmentValue::CenterOf(i) => names.get(n - 1 - *i).cloned().unwrap_or_default(),
+            SegmentValue::CenterOf(i) => (n - 1)
+                .checked_sub(*i)
+                .and_then(|k| names.get(k))
+                .cloned()
+                .unwrap_or_default(),
             _ => String::new(),
         })
         .y_label_style(("sans-serif", 13))
         .disable_y_mesh()
         .draw()
         .map_err(draw_err(file))?;
-    for (i, (_, med, min, max)) in rows.iter().enumerate() {
+    for (i, r) in rows.iter().enumerate() {
         let slot = n - 1 - i;
-        let color = Palette99::pick(i).to_rgba();
+        let color = Palette99::pick(r.color).to_rgba();
         let mut bar = Rectangle::new(
             [
                 (lo, SegmentValue::Exact(slot)),
-                (med.max(lo), SegmentValue::Exact(slot + 1)),
+                (r.median.max(lo), SegmentValue::Exact(slot + 1)),
             ],
             color.filled(),
         );
@@ -149,10 +210,18 @@ fn throughput_bars(file: &Path, r: &Report) -> Result<(), PlotError> {
         chart
             .draw_series(std::iter::once(PathElement::new(
                 vec![
-                    (min.max(lo), SegmentValue::CenterOf(slot)),
-                    (max.max(lo), SegmentValue::CenterOf(slot)),
+                    (r.min.max(lo), SegmentValue::CenterOf(slot)),
+                    (r.max.max(lo), SegmentValue::CenterOf(slot)),
                 ],
                 BLACK.stroke_width(2),
+            )))
+            .map_err(draw_err(file))?;
+    }
+    if let Some(x) = reference {
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, SegmentValue::Exact(0)), (x, SegmentValue::Exact(n))],
+                RED.stroke_width(2),
             )))
             .map_err(draw_err(file))?;
     }

@@ -352,12 +352,14 @@ pub fn check_channel_with(ch: &dyn Channel, cfg: &RunConfig) {
     let _guard = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let r = match run_once(ch, cfg) {
         Ok(r) => r,
-        // Privileged rows (BPF, proc connector) may be refused to a normal
-        // user; as root on the project's machine every row must run.
+        // Privileged rows (BPF, proc connector) are refused to a normal
+        // user: the test fails and says so rather than passing unrun.
         // SAFETY: geteuid has no preconditions.
         Err(ChanError::Unavailable(why)) if unsafe { libc::geteuid() } != 0 => {
-            eprintln!("{}: skipped, not root and unavailable: {why}", ch.name());
-            return;
+            panic!(
+                "{}: unavailable to a non-root user ({why}); the channel tests need root",
+                ch.name()
+            )
         }
         Err(e) => panic!("{}: {e}", ch.name()),
     };

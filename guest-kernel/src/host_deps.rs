@@ -109,7 +109,13 @@ fn is_root() -> bool {
 /// Installs missing ones with apt-get when running as root; otherwise
 /// returns [`Error::MissingPackages`] carrying the command to run.
 pub fn ensure() -> Result<(), Error> {
-    let absent = missing(PACKAGES);
+    ensure_packages(PACKAGES)
+}
+
+/// Makes sure every package in `wanted` is installed, as [`ensure`] does for
+/// [`PACKAGES`] (other crates name the extra packages they need).
+pub fn ensure_packages(wanted: &[Package]) -> Result<(), Error> {
+    let absent = missing(wanted);
     if absent.is_empty() {
         return Ok(());
     }
@@ -124,7 +130,7 @@ pub fn ensure() -> Result<(), Error> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()
         .map_err(|e| Error::Tool("sh".into(), e.to_string()))?;
-    let still = missing(PACKAGES);
+    let still = missing(wanted);
     if !status.success() || !still.is_empty() {
         return Err(Error::MissingPackages(install_command(&still)));
     }

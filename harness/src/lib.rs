@@ -5,6 +5,7 @@
 //! when the command it ran finishes, then reboots; the kernel is booted with
 //! `reboot=t` and QEMU with `-no-reboot`, so a reboot ends QEMU.
 
+pub mod nested;
 pub mod result_line;
 
 use std::collections::VecDeque;
@@ -212,7 +213,7 @@ impl GuestOutcome {
 }
 
 /// Kills the child if we leave early, so no QEMU outlives its caller.
-struct KillOnDrop(Child);
+pub(crate) struct KillOnDrop(pub(crate) Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

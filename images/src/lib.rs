@@ -5,8 +5,12 @@
 //! `/init` prints `MILK-BOOT ...` once the system is up, runs the command
 //! given as `milk.run="..."` on the kernel command line, prints
 //! `MILK-RESULT status=<exit status>` and reboots, which ends the VM.
+//!
+//! The test image ([`ensure_test_initramfs`]) is the same plus rt-tests
+//! (`hackbench`, `cyclictest`) and their shared libraries ([`rt_tests`]).
 
 pub mod cpio;
+pub mod rt_tests;
 
 use std::fs;
 use std::io::Write;
@@ -37,6 +41,9 @@ pub enum Error {
     /// Host prerequisites are missing.
     #[error(transparent)]
     Host(#[from] milk_guest_kernel::Error),
+    /// Collecting rt-tests and its libraries failed.
+    #[error("rt-tests: {0}")]
+    RtTests(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -197,7 +204,10 @@ pub fn pack(entries: &[Entry]) -> Result<Vec<u8>, Error> {
 
 /// Builds the initramfs into `out` unconditionally.
 pub fn build_to(out: &Path) -> Result<(), Error> {
-    let bytes = pack(&entries()?)?;
+    write_image(out, &pack(&entries()?)?)
+}
+
+fn write_image(out: &Path, bytes: &[u8]) -> Result<(), Error> {
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent).map_err(io(parent))?;
     }
@@ -234,11 +244,11 @@ pub fn input_key() -> Result<String, Error> {
         .output()
         .map_err(io(Path::new("gcc")))?;
     h.update(&gcc.stdout);
-    Ok(h.finalize()
-        .iter()
-        .take(12)
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(short_hex(&h.finalize()))
+}
+
+fn short_hex(digest: &[u8]) -> String {
+    digest.iter().take(12).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Returns the cached initramfs, building it if its inputs changed.
@@ -252,6 +262,53 @@ pub fn ensure_initramfs() -> Result<PathBuf, Error> {
     if !out.exists() {
         log::info!("building {}", out.display());
         build_to(&out)?;
+    }
+    Ok(out)
+}
+
+/// The test image's members: [`entries`] plus [`rt_tests::entries`].
+pub fn test_entries() -> Result<Vec<Entry>, Error> {
+    let mut e = entries()?;
+    let have: Vec<String> = e
+        .iter()
+        .filter(|x| x.kind == Kind::Dir)
+        .map(|x| x.path.clone())
+        .collect();
+    let have: Vec<&str> = have.iter().map(String::as_str).collect();
+    let extra = rt_tests::entries(&have)?;
+    // rt-tests' binaries replace busybox applets of the same name.
+    e.retain(|x| !extra.iter().any(|n| n.path == x.path));
+    e.extend(extra);
+    Ok(e)
+}
+
+/// Builds the test initramfs into `out` unconditionally.
+pub fn build_test_to(out: &Path) -> Result<(), Error> {
+    write_image(out, &pack(&test_entries()?)?)
+}
+
+/// [`input_key`] extended with rt-tests' files.
+pub fn test_input_key() -> Result<String, Error> {
+    let mut h = Sha256::new();
+    h.update(b"milk-test-initramfs-v1\0");
+    h.update(input_key()?.as_bytes());
+    rt_tests::hash_inputs(&mut h)?;
+    Ok(short_hex(&h.finalize()))
+}
+
+/// Returns the cached test initramfs (rt-tests included), installing
+/// rt-tests and building the image if its inputs changed.
+pub fn ensure_test_initramfs() -> Result<PathBuf, Error> {
+    if !Path::new(BUSYBOX).exists() {
+        milk_guest_kernel::host_deps::ensure()?;
+    }
+    rt_tests::ensure_installed()?;
+    let out = milk_guest_kernel::cache_dir()
+        .join("initramfs")
+        .join(format!("initramfs-test-{}.cpio.gz", test_input_key()?));
+    if !out.exists() {
+        log::info!("building {}", out.display());
+        build_test_to(&out)?;
     }
     Ok(out)
 }

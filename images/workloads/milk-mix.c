@@ -1,88 +1,197 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
- * milk-mix: tasks that compete unfairly, to see whether any kind starves.
+ * milk-mix: a starvation mix that checks its own results.
  *
- * Runs, for DURATION_MS, YIELDERS processes that call sched_yield() in a
- * loop, FORKERS processes that fork a child which exits at once and wait
- * for it, and PAIRS pairs of processes that bounce a byte over two pipes.
- * Each counts its iterations in shared memory; at the end all are killed
- * and one line is printed:
+ * Runs, together, for the given time (default 4 s):
+ *   - YIELDERS sched_yield() loops (they never block),
+ *   - FORKERS fork-and-wait loops (each child exits with a known status),
+ *   - PAIRS pipe ping-pong pairs (each round trip echoes a sequence number),
+ * two of each by default. Each is its own process; counters live in a
+ * shared anonymous mapping. A scheduler that lets the yielding tasks keep
+ * their CPUs starves the others, which shows as low fork and round-trip
+ * counts.
  *
- *   milk-mix: ms=4000 yields=N forks=N roundtrips=N yielders=2 forkers=2 pairs=2
+ * Prints one line at the end (wrapped here):
  *
- * A scheduler that lets yielding tasks keep their CPUs starves the forkers
- * and the pipe pairs (whose every iteration needs a wakeup). Exit status 0
- * if every worker started and the counts were collected, 1 otherwise.
+ *   milk-mix: ms=4000 seconds=4 elapsed_ms=4003 yields=N forks=N
+ *     roundtrips=N pipe_rtts=N yielders=2 forkers=2 pairs=2
+ *     min_yield=N min_fork=N min_pipe=N errors=0
+ *
+ * (roundtrips and pipe_rtts are the same count; min_* is the slowest
+ * worker of each kind) and exits 0 only if every worker ran correctly:
+ * every forked child's status was the one it was given, every echo carried
+ * the sequence number that was sent and every worker exited 0.
  *
  * With -p PID_MAX, /proc/sys/kernel/pid_max is set first (and restored at
  * the end), so the forkers reuse pids within the run.
  *
- * Usage: milk-mix [-d DURATION_MS] [-y YIELDERS] [-f FORKERS] [-P PAIRS]
- *                 [-p PID_MAX]
+ * Usage: milk-mix [-s SECONDS | -d DURATION_MS] [-y YIELDERS] [-f FORKERS]
+ *                 [-P PAIRS] [-p PID_MAX]
  */
-#define _GNU_SOURCE
-#include <sched.h>
-#include <signal.h>
-#include <stdint.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sched.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "workload.h"
 
-#define MAX_WORKERS 64
-
-enum kind { YIELD, FORK, PIPE, NR_KINDS };
+#define MAX_PER_KIND 16
 
 struct shared {
-	volatile uint64_t count[MAX_WORKERS];
-	volatile int stop;
+	int stop;
+	unsigned long yields[MAX_PER_KIND];
+	unsigned long forks[MAX_PER_KIND];
+	unsigned long rtts[MAX_PER_KIND];
+	unsigned long errors;
 };
 
 static struct shared *sh;
 
-static void yielder(int slot)
+/* The counters are shared between processes: relaxed atomics, no tearing. */
+#define LOAD(x)		__atomic_load_n(&(x), __ATOMIC_RELAXED)
+#define STORE(x, v)	__atomic_store_n(&(x), (v), __ATOMIC_RELAXED)
+#define ERROR()		__atomic_fetch_add(&sh->errors, 1, __ATOMIC_RELAXED)
+
+static void yield_loop(int i)
 {
-	while (!sh->stop) {
+	while (!LOAD(sh->stop)) {
 		sched_yield();
-		sh->count[slot]++;
+		STORE(sh->yields[i], LOAD(sh->yields[i]) + 1);
 	}
+	_exit(0);
 }
 
-static void forker(int slot)
+static void fork_loop(int i)
 {
-	while (!sh->stop) {
+	unsigned long n = 0;
+
+	while (!LOAD(sh->stop)) {
+		int want = (int)(n % 100) + 1, status;
 		pid_t c = fork();
 
+		if (c < 0) {
+			if (errno == EAGAIN || errno == EINTR)
+				continue;
+			ERROR();
+			_exit(1);
+		}
 		if (c == 0)
-			_exit(0);
-		if (c < 0 || waitpid(c, NULL, 0) != c)
+			_exit(want);
+		while (waitpid(c, &status, 0) < 0) {
+			if (errno != EINTR) {
+				ERROR();
+				_exit(1);
+			}
+		}
+		if (!WIFEXITED(status) || WEXITSTATUS(status) != want) {
+			ERROR();
+			_exit(1);
+		}
+		STORE(sh->forks[i], ++n);
+	}
+	_exit(0);
+}
+
+static int xfer(int fd, unsigned long *v, int wr)
+{
+	char *p = (char *)v;
+	size_t done = 0;
+
+	while (done < sizeof(*v)) {
+		ssize_t r = wr ? write(fd, p + done, sizeof(*v) - done) :
+				 read(fd, p + done, sizeof(*v) - done);
+
+		if (r < 0 && errno == EINTR)
 			continue;
-		sh->count[slot]++;
+		if (r <= 0)
+			return -1;
+		done += r;
 	}
+	return 0;
 }
 
-static void pinger(int slot, int out, int in)
+/* The echo side: returns every value it reads, ends at end of file. */
+static void ponger(int in, int out)
 {
-	char b = 0;
+	unsigned long v;
 
-	while (!sh->stop) {
-		if (write(out, &b, 1) != 1 || read(in, &b, 1) != 1)
-			return;
-		sh->count[slot]++;
+	while (xfer(in, &v, 0) == 0) {
+		if (xfer(out, &v, 1)) {
+			ERROR();
+			_exit(1);
+		}
 	}
+	_exit(0);
 }
 
-static void ponger(int out, int in)
+static void pinger(int i, int out, int in)
 {
-	char b;
+	unsigned long seq = 0, back;
 
-	while (read(in, &b, 1) == 1 && write(out, &b, 1) == 1)
-		;
+	while (!LOAD(sh->stop)) {
+		seq++;
+		if (xfer(out, &seq, 1) || xfer(in, &back, 0) || back != seq) {
+			ERROR();
+			_exit(1);
+		}
+		STORE(sh->rtts[i], seq);
+	}
+	close(out);
+	_exit(0);
 }
 
+static pid_t spawn(void (*fn)(int), int i)
+{
+	pid_t p = fork();
+
+	if (p < 0) {
+		perror("milk-mix: fork");
+		exit(1);
+	}
+	if (p == 0)
+		fn(i);
+	return p;
+}
+
+static void spawn_pair(int i, pid_t *ping, pid_t *pong)
+{
+	int to_pong[2], to_ping[2];
+
+	if (pipe(to_pong) || pipe(to_ping)) {
+		perror("milk-mix: pipe");
+		exit(1);
+	}
+	*pong = fork();
+	if (*pong < 0) {
+		perror("milk-mix: fork");
+		exit(1);
+	}
+	if (*pong == 0) {
+		close(to_pong[1]);
+		close(to_ping[0]);
+		ponger(to_pong[0], to_ping[1]);
+	}
+	*ping = fork();
+	if (*ping < 0) {
+		perror("milk-mix: fork");
+		exit(1);
+	}
+	if (*ping == 0) {
+		close(to_pong[0]);
+		close(to_ping[1]);
+		pinger(i, to_pong[1], to_ping[0]);
+	}
+	close(to_pong[0]);
+	close(to_pong[1]);
+	close(to_ping[0]);
+	close(to_ping[1]);
+}
+
+/* Writes @v to pid_max; the old value goes to @old. 0 on success. */
 static int set_pid_max(unsigned long v, unsigned long *old)
 {
 	FILE *f = fopen("/proc/sys/kernel/pid_max", "r+");
@@ -90,42 +199,73 @@ static int set_pid_max(unsigned long v, unsigned long *old)
 
 	if (!f)
 		return -1;
-	ok = fscanf(f, "%lu", old) == 1;
-	rewind(f);
+	ok = fscanf(f, "%lu", old) == 1 && fseek(f, 0, SEEK_SET) == 0;
 	ok = ok && fprintf(f, "%lu\n", v) > 0;
-	return fclose(f) == 0 && ok ? 0 : -1;
+	return fclose(f) || !ok ? -1 : 0;
+}
+
+/* Sum and minimum of @n counters. */
+static unsigned long total(const unsigned long *c, int n, unsigned long *min)
+{
+	unsigned long sum = 0;
+	int i;
+
+	*min = 0;
+	for (i = 0; i < n; i++) {
+		sum += c[i];
+		if (i == 0 || c[i] < *min)
+			*min = c[i];
+	}
+	return sum;
+}
+
+static void print_usage(void)
+{
+	fprintf(stderr, "usage: milk-mix [-s SECONDS | -d DURATION_MS] [-y YIELDERS] ");
+	fprintf(stderr, "[-f FORKERS] [-P PAIRS] [-p PID_MAX]\n");
+	exit(2);
 }
 
 int main(int argc, char **argv)
 {
-	unsigned long duration_ms = 4000, n[NR_KINDS] = { 2, 2, 2 };
-	unsigned long pid_max = 0, old_pid_max = 0;
-	uint64_t total[NR_KINDS] = { 0 };
-	enum kind kind_of[MAX_WORKERS];
-	pid_t pids[2 * MAX_WORKERS];
-	int npids = 0, nslots = 0, opt, i, failed = 0;
-	unsigned long k, j;
+	unsigned long ms = 4000, ny = 2, nf = 2, np = 2, pid_max = 0, old_max = 0;
+	unsigned long yields, forks, rtts, errors, min_y, min_f, min_p;
+	pid_t pids[4 * MAX_PER_KIND];
+	int opt, i, n = 0, failed = 0;
+	long long t0, elapsed;
 
-	while ((opt = getopt(argc, argv, "d:y:f:P:p:h")) != -1) {
+	while ((opt = getopt(argc, argv, "s:d:y:f:P:p:")) != -1) {
 		switch (opt) {
-		case 'd': duration_ms = workload_parse("milk-mix", optarg, "duration"); break;
-		case 'y': n[YIELD] = workload_parse("milk-mix", optarg, "yielders"); break;
-		case 'f': n[FORK] = workload_parse("milk-mix", optarg, "forkers"); break;
-		case 'P': n[PIPE] = workload_parse("milk-mix", optarg, "pairs"); break;
-		case 'p': pid_max = workload_parse("milk-mix", optarg, "pid_max"); break;
+		case 's':
+			ms = workload_parse("milk-mix", optarg, "seconds");
+			if (ms == 0 || ms > 3600)
+				print_usage();
+			ms *= 1000;
+			break;
+		case 'd':
+			ms = workload_parse("milk-mix", optarg, "duration");
+			break;
+		case 'y':
+			ny = workload_parse("milk-mix", optarg, "yielders");
+			break;
+		case 'f':
+			nf = workload_parse("milk-mix", optarg, "forkers");
+			break;
+		case 'P':
+			np = workload_parse("milk-mix", optarg, "pairs");
+			break;
+		case 'p':
+			pid_max = workload_parse("milk-mix", optarg, "pid_max");
+			break;
 		default:
-			fprintf(stderr, "usage: milk-mix [-d DURATION_MS] [-y YIELDERS] "
-				"[-f FORKERS] [-P PAIRS] [-p PID_MAX]\n");
-			return opt == 'h' ? 0 : 2;
+			print_usage();
 		}
 	}
-	if (n[YIELD] + n[FORK] + n[PIPE] > MAX_WORKERS) {
-		fprintf(stderr, "milk-mix: at most %d workers\n", MAX_WORKERS);
+	if (ms == 0 || ms > 3600000 || ny > MAX_PER_KIND || nf > MAX_PER_KIND ||
+	    np > MAX_PER_KIND) {
+		fprintf(stderr, "milk-mix: 1..3600 s, at most %d of each kind\n",
+			MAX_PER_KIND);
 		return 2;
-	}
-	if (pid_max && set_pid_max(pid_max, &old_pid_max)) {
-		perror("milk-mix: pid_max");
-		return 1;
 	}
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
 		  MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -133,67 +273,51 @@ int main(int argc, char **argv)
 		perror("milk-mix: mmap");
 		return 1;
 	}
-
-	for (k = 0; k < NR_KINDS; k++) {
-		for (j = 0; j < n[k]; j++) {
-			int slot = nslots++, a[2], b[2];
-			pid_t c;
-
-			kind_of[slot] = k;
-			if (k == PIPE && (pipe(a) || pipe(b))) {
-				perror("milk-mix: pipe");
-				failed = 1;
-				break;
-			}
-			c = fork();
-			if (c == 0) {
-				if (k == YIELD)
-					yielder(slot);
-				else if (k == FORK)
-					forker(slot);
-				else
-					pinger(slot, a[1], b[0]);
-				_exit(0);
-			}
-			if (c < 0) {
-				failed = 1;
-				break;
-			}
-			pids[npids++] = c;
-			if (k != PIPE)
-				continue;
-			c = fork();
-			if (c == 0) {
-				ponger(b[1], a[0]);
-				_exit(0);
-			}
-			if (c < 0) {
-				failed = 1;
-				break;
-			}
-			pids[npids++] = c;
-			close(a[0]);
-			close(a[1]);
-			close(b[0]);
-			close(b[1]);
+	memset(sh, 0, sizeof(*sh));
+	if (pid_max && set_pid_max(pid_max, &old_max)) {
+		perror("milk-mix: pid_max");
+		return 1;
+	}
+	t0 = workload_now_ms();
+	for (i = 0; i < (int)MAX_PER_KIND; i++) {
+		if (i < (int)ny)
+			pids[n++] = spawn(yield_loop, i);
+		if (i < (int)nf)
+			pids[n++] = spawn(fork_loop, i);
+		if (i < (int)np) {
+			spawn_pair(i, &pids[n], &pids[n + 1]);
+			n += 2;
 		}
 	}
+	printf("milk-mix: start ms=%lu workers=%d\n", ms, n);
+	fflush(stdout);
+	/* The deadline is the clock's, not the sleep's: a late wakeup counts. */
+	while (workload_now_ms() - t0 < (long long)ms)
+		usleep(20000);
+	STORE(sh->stop, 1);
+	elapsed = workload_now_ms() - t0;
+	for (i = 0; i < n; i++) {
+		int status = 0;
+		pid_t r;
 
-	if (!failed)
-		usleep(duration_ms * 1000);
-	sh->stop = 1;
-	for (i = 0; i < nslots; i++)
-		total[kind_of[i]] += sh->count[i];
-	for (i = 0; i < npids; i++)
-		kill(pids[i], SIGKILL);
-	for (i = 0; i < npids; i++)
-		waitpid(pids[i], NULL, 0);
-	if (pid_max && set_pid_max(old_pid_max, &pid_max))
-		failed = 1;
-
-	printf("milk-mix: ms=%lu yields=%llu forks=%llu roundtrips=%llu "
-	       "yielders=%lu forkers=%lu pairs=%lu\n", duration_ms,
-	       (unsigned long long)total[YIELD], (unsigned long long)total[FORK],
-	       (unsigned long long)total[PIPE], n[YIELD], n[FORK], n[PIPE]);
-	return failed;
+		while ((r = waitpid(pids[i], &status, 0)) < 0 && errno == EINTR)
+			;
+		if (r < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+			failed++;
+	}
+	if (pid_max && set_pid_max(old_max, &pid_max))
+		failed++;
+	errors = LOAD(sh->errors) + failed;
+	yields = total(sh->yields, ny, &min_y);
+	forks = total(sh->forks, nf, &min_f);
+	rtts = total(sh->rtts, np, &min_p);
+	/* One line: the host parses it. */
+	printf("milk-mix: ms=%lu seconds=%lu elapsed_ms=%lld", ms, ms / 1000,
+	       elapsed);
+	printf(" yields=%lu forks=%lu roundtrips=%lu pipe_rtts=%lu", yields,
+	       forks, rtts, rtts);
+	printf(" yielders=%lu forkers=%lu pairs=%lu", ny, nf, np);
+	printf(" min_yield=%lu min_fork=%lu min_pipe=%lu", min_y, min_f, min_p);
+	printf(" errors=%lu\n", errors);
+	return errors ? 1 : 0;
 }

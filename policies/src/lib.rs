@@ -3,18 +3,21 @@
 //! Each policy implements [`virtio_milk::policy::Policy`]. Pick one with
 //! [`by_name`]`("NAME[:KEY=VALUE,...]")` (what `milk-vmm --policy` does); [`list`] describes
 //! every shipped policy with its version and parameters. Unknown names and bad parameters
-//! are errors, never a silent fallback.
+//! are errors, never a silent fallback. [`resolve`] turns a spec into a policy factory
+//! (what `milk-vmm --policy` and `milkctl swap` use).
 
 use virtio_milk::policy::Policy;
 
 pub mod fifo;
 pub mod params;
+pub mod registry;
 pub mod rr;
 #[cfg(test)]
 mod testutil;
 
 pub use fifo::Fifo;
 pub use params::{ParamInfo, Spec};
+pub use registry::{resolve, PolicyError, Resolved};
 pub use rr::RoundRobin;
 
 /// Why a policy spec was refused.
@@ -27,7 +30,7 @@ pub enum Error {
     #[error("bad policy spec {0:?}: expected NAME[:KEY=VALUE[,KEY=VALUE...]]")]
     Syntax(String),
     /// The policy has no such parameter.
-    #[error("policy {policy}: unknown parameter {param}")]
+    #[error("policy {policy} has no parameter {param:?}")]
     UnknownParam {
         /// Policy.
         policy: String,

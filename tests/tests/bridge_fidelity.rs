@@ -223,8 +223,8 @@ fn decisions_run_as_made_and_a_policy_swap_keeps_the_session() {
     let mut swapped = false;
     let run = run_milk("fifo", &script, &mut |l, ctl| {
         if l.contains("SWAP-NOW") && !swapped {
-            ctl.swap_policy("fifo").expect("policy swap");
-            swapped = true;
+            let p = milk_policies::resolve("fifo").expect("fifo resolves");
+            swapped = ctl.set_policy(&p.spec, p.factory);
         }
     });
     assert!(swapped, "the guest never asked for the swap");

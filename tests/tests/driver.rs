@@ -66,11 +66,11 @@ fn guest_spec(script: &str) -> GuestSpec {
 const PRINT_DRIVER: &str = "for f in /sys/bus/virtio/drivers/virtio_milk/virtio*/milk/*;do \
 echo MILKD ${f##*/}=$(cat $f);done;";
 
-/// Prints, per CPU n, the decision vector's IRQ, affinity, effective
-/// affinity and per-CPU counts from /proc/interrupts.
-const PRINT_IRQS: &str = "for n in 0 1;do l=$(grep decisions.$n\\$ /proc/interrupts);\
-set -- $l;i=${1%:};echo MILKI cpu=$n irq=$i aff=$(cat /proc/irq/$i/smp_affinity_list) \
-eff=$(cat /proc/irq/$i/effective_affinity_list) on0=$2 on1=$3;done;";
+/// Prints, per decision vector, its IRQ, per-CPU counts (/proc/interrupts,
+/// two CPUs), name, affinity and effective affinity.
+const PRINT_IRQS: &str = "grep decisions /proc/interrupts|while read i a b r;do i=${i%:};\
+echo MILKI irq=$i on0=$a on1=$b name=${r##* } aff=$(cat /proc/irq/$i/smp_affinity_list) \
+eff=$(cat /proc/irq/$i/effective_affinity_list);done;";
 
 /// Waits (up to 10 s) until the bridge reports `enabled`.
 const WAIT_ENABLED: &str = "i=0;while [ $(cat /sys/kernel/milk/state) != enabled ]\
@@ -104,6 +104,7 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     )
     .expect("device");
     let backend = MilkBackend::new(dev);
+    let control = backend.control();
     let mut info = backend.device_info();
     // struct virtio_milk_config: __le16 version at offset 4. The driver is
     // built from the same header as the host: the device now claims the
@@ -122,8 +123,8 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     t.qemu_args().apply(&mut spec);
     let handle = t.spawn().expect("transport thread");
     let out = milk_harness::run_qemu(&spec, &mut |l| println!("guest| {l}")).expect("guest ran");
-    let mut t = handle.stop().expect("transport stopped");
-    let summaries = t.device_mut().backend_mut().summaries().to_vec();
+    let _t = handle.stop().expect("transport stopped");
+    let summaries = control.summaries();
 
     assert_eq!(out.result.map(|r| r.status), Some(0));
     let refusals: Vec<&String> = out
@@ -256,7 +257,11 @@ fn decision_interrupts_are_affine_to_their_cpu() {
         .collect();
     assert_eq!(lines.len(), CPUS as usize, "IRQ lines: {lines:?}");
     for f in &lines {
-        let cpu = num(f, "cpu");
+        let cpu: u64 = f
+            .get("name")
+            .and_then(|n| n.strip_prefix("decisions."))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("not a decision vector: {f:?}"));
         assert_eq!(num(f, "aff"), cpu, "affinity of decisions.{cpu}: {f:?}");
         assert_eq!(
             num(f, "eff"),

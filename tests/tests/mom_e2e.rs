@@ -24,7 +24,8 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use milk_harness::GuestSpec;
-use milk_ivshmem::session::{run_milk_guest, GuestControl, MilkGuestConfig, MilkRun, SessionError};
+use milk_ivshmem::session::{run_milk_guest, GuestControl, MilkGuestConfig, MilkRun};
+use virtio_milk::device::DeviceError;
 use virtio_milk::metrics::Summary;
 use virtio_milk::protocol::{msg, AckStatus};
 use virtio_milk::runtime::RawDecision;
@@ -174,12 +175,17 @@ fn guest_is_scheduled_by_the_host_fifo_policy() {
     let mut live = None;
     let run = run(&cfg, &mut |l, ctl| {
         if l.starts_with("milk-work: start") {
-            swapped = Some(ctl.swap_policy("fifo").is_ok());
+            let p = milk_policies::resolve("fifo").expect("fifo resolves");
+            swapped = Some(ctl.set_policy(&p.spec, p.factory));
         } else if l.starts_with("milk-work: threads=") {
             live = ctl.snapshot();
         }
     });
-    assert_eq!(swapped, Some(true), "policy swap by name failed");
+    assert_eq!(
+        swapped,
+        Some(true),
+        "the running runtime took the new policy"
+    );
     let live = live.expect("no live snapshot while the guest ran");
     assert_eq!(run.status(), Some(0), "workload failed");
     assert!(
@@ -287,7 +293,7 @@ fn timeout_note(run: &MilkRun) -> &'static str {
 /// `milk-mon` first reported sched_ext disabled.
 fn stop_and_restart(
     script: &str,
-    stop: fn(&GuestControl) -> Result<bool, SessionError>,
+    stop: fn(&GuestControl) -> Result<bool, DeviceError>,
 ) -> (MilkRun, Option<Duration>) {
     let cfg = config(script);
     let mut stopped_at: Option<Instant> = None;

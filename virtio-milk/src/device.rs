@@ -18,10 +18,12 @@ use crate::protocol::{
     Config, DEVICE_FEATURES, MAX_CPUS, QUEUES_PER_CPU, VIRTIO_F_VERSION_1, VIRTIO_ID_MILK,
     VIRTIO_RING_F_EVENT_IDX,
 };
-use crate::queue::{EngineConfig, EngineError, Interrupt, QueueConfig, QueueEngine};
-use crate::runtime::{RawDecision, Runtime, RuntimeConfig, RuntimeError, RuntimeHandle};
+use crate::queue::{EngineConfig, EngineError, Interrupt, QueueConfig, QueueEngine, RingState};
+#[cfg(feature = "fault-injection")]
+use crate::runtime::RawDecision;
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeError, RuntimeHandle};
 
-/// Makes a fresh policy instance (e.g. `|| milk_policies::by_name("fifo").unwrap()`).
+/// Makes a fresh policy instance (`milk_policies::resolve` builds them from a name).
 pub type PolicyFactory = Box<dyn Fn() -> Box<dyn Policy> + Send>;
 
 /// Device errors.
@@ -36,6 +38,9 @@ pub enum DeviceError {
     /// Activation while already active.
     #[error("device already active")]
     AlreadyActive,
+    /// Activation without a kick eventfd.
+    #[error("activation without a kick eventfd")]
+    NoKick,
     /// Queue setup rejected.
     #[error(transparent)]
     Engine(#[from] EngineError),
@@ -44,23 +49,55 @@ pub enum DeviceError {
     Runtime(#[from] RuntimeError),
 }
 
+/// What a transport hands the device at DRIVER_OK: the one activation contract of
+/// virtio-milk, whatever carries the queues (virtio-mmio under KVM, virtio over ivshmem
+/// under QEMU, a vhost-user backend).
+pub struct Activation<M> {
+    /// Guest memory holding the vrings.
+    pub memory: M,
+    /// Features the driver accepted (bits the device does not offer are ignored).
+    pub features: u64,
+    /// Every queue, in index order (2c event queue, 2c+1 decision queue of CPU c).
+    pub queues: Vec<QueueConfig>,
+    /// Eventfds that become readable when the driver kicks (one per queue, or one shared);
+    /// at least one. The device keeps them until reset.
+    pub kicks: Vec<EventFd>,
+    /// Signals used buffers to the driver.
+    pub interrupt: Box<dyn Interrupt>,
+    /// Where each queue continues (vhost-user SET_VRING_BASE, a hand-over); `None`: at
+    /// index 0, as after a virtio reset.
+    pub ring_state: Option<Vec<RingState>>,
+}
+
 /// The virtio-milk device. See the module documentation.
 pub struct MilkDevice<M: GuestMemory + Send + 'static> {
     num_cpus: u32,
     config: Config,
     acked_features: u64,
     queue_max_size: u16,
+    policy: String,
     factory: PolicyFactory,
     runtime_cfg: RuntimeConfig,
     running: Option<RuntimeHandle<M>>,
     parked: Option<QueueEngine<M>>,
-    extra_kicks: Vec<EventFd>,
 }
 
 impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
-    /// A device for a guest with `num_cpus` CPUs.
+    /// A device for a guest with `num_cpus` CPUs, serving it with the policy `factory`
+    /// makes (named after a first instance).
     pub fn new(
         num_cpus: u32,
+        factory: PolicyFactory,
+        runtime_cfg: RuntimeConfig,
+    ) -> Result<Self, DeviceError> {
+        let name = factory().name().to_owned();
+        Self::with_policy(num_cpus, &name, factory, runtime_cfg)
+    }
+
+    /// Like [`Self::new`], with the policy's name as chosen (e.g. `fifo:slice_us=2000`).
+    pub fn with_policy(
+        num_cpus: u32,
+        name: &str,
         factory: PolicyFactory,
         runtime_cfg: RuntimeConfig,
     ) -> Result<Self, DeviceError> {
@@ -76,11 +113,11 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
             config,
             acked_features: 0,
             queue_max_size: 256,
+            policy: name.to_owned(),
             factory,
             runtime_cfg,
             running: None,
             parked: None,
-            extra_kicks: Vec::new(),
         })
     }
 
@@ -92,11 +129,6 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
     /// Features offered.
     pub fn device_features(&self) -> u64 {
         DEVICE_FEATURES
-    }
-
-    /// Record the driver's features (bits not offered are dropped).
-    pub fn ack_features(&mut self, features: u64) {
-        self.acked_features = features & DEVICE_FEATURES;
     }
 
     /// Features in effect.
@@ -132,12 +164,6 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         }
     }
 
-    /// Also wake the runtime on `fd` (per-queue notification eventfds); takes effect at the
-    /// next activation.
-    pub fn add_kick_fd(&mut self, fd: EventFd) {
-        self.extra_kicks.push(fd);
-    }
-
     /// Whether the device was activated (running or paused) and not reset since.
     pub fn is_active(&self) -> bool {
         self.running.is_some() || self.parked.is_some()
@@ -148,17 +174,14 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         self.running.is_some()
     }
 
-    /// DRIVER_OK: start serving `queues` (index 2c event, 2c+1 decision) with a fresh policy.
-    pub fn activate(
-        &mut self,
-        mem: M,
-        queues: &[QueueConfig],
-        kick: EventFd,
-        irq: Box<dyn Interrupt>,
-    ) -> Result<(), DeviceError> {
+    /// DRIVER_OK: start serving the activation's queues (index 2c event, 2c+1 decision)
+    /// with a fresh instance of the current policy. Refused unless the driver negotiated
+    /// VIRTIO_F_VERSION_1 and configured every queue.
+    pub fn activate(&mut self, a: Activation<M>) -> Result<(), DeviceError> {
         if self.is_active() {
             return Err(DeviceError::AlreadyActive);
         }
+        self.acked_features = a.features & DEVICE_FEATURES;
         if self.acked_features & (1 << VIRTIO_F_VERSION_1) == 0 {
             return Err(DeviceError::NoVersion1);
         }
@@ -169,20 +192,44 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         if self.acked_features & (1 << crate::protocol::VIRTIO_MILK_F_BATCH) == 0 {
             ecfg.max_batch = 1;
         }
-        let mut engine = QueueEngine::new(mem, ecfg, queues, kick, irq)?;
-        for fd in &self.extra_kicks {
-            engine.add_kick_fd(fd.try_clone().map_err(RuntimeError::Setup)?);
+        let mut kicks = a.kicks.into_iter();
+        let kick = kicks.next().ok_or(DeviceError::NoKick)?;
+        let mut engine = QueueEngine::new(a.memory, ecfg, &a.queues, kick, a.interrupt)?;
+        for fd in kicks {
+            engine.add_kick_fd(fd);
+        }
+        if let Some(st) = &a.ring_state {
+            engine.set_ring_state(st)?;
         }
         let rt = Runtime::new(engine, (self.factory)(), self.runtime_cfg);
         self.running = Some(rt.spawn()?);
         Ok(())
     }
 
-    /// Hot-swap the policy of the running runtime (no-op when inactive).
-    pub fn swap_policy(&self, policy: Box<dyn Policy>) {
-        if let Some(h) = &self.running {
-            h.swap_policy(policy);
+    /// The current policy's name as it was chosen (e.g. `fifo:slice_us=2000`).
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// Make `factory` (called `name`) the device's policy: the running runtime swaps to a
+    /// new instance at its next safe point (the task table survives, the guest stays on
+    /// sched_ext), and every later resume or activation uses it. Returns whether a running
+    /// runtime was told to swap.
+    pub fn set_policy(&mut self, name: &str, factory: PolicyFactory) -> bool {
+        self.policy = name.to_owned();
+        self.factory = factory;
+        match &self.running {
+            Some(h) => {
+                h.swap_policy((self.factory)());
+                true
+            }
+            None => false,
         }
+    }
+
+    /// Number of guest CPUs served.
+    pub fn num_cpus(&self) -> u32 {
+        self.num_cpus
     }
 
     /// Counters of the running runtime (at most `runtime::SNAPSHOT_PERIOD` old).
@@ -190,9 +237,10 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
         self.running.as_ref().and_then(RuntimeHandle::snapshot)
     }
 
-    /// Testing / fault-injection hook: write `decisions` unvalidated (see
+    /// Fault-injection hook: write `decisions` unvalidated (see
     /// [`RuntimeHandle::inject_decisions`]). Returns false (nothing sent) when no runtime
     /// is running.
+    #[cfg(feature = "fault-injection")]
     pub fn inject_decisions(&self, decisions: &[RawDecision]) -> bool {
         match &self.running {
             Some(h) => {
@@ -210,7 +258,8 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
     }
 
     /// Like [`Self::pause`] but without GOODBYE: the guest sees a host that went silent
-    /// and falls back after its host timeout (crash simulation for tests).
+    /// and falls back after its host timeout (fault injection: a crash simulation).
+    #[cfg(feature = "fault-injection")]
     pub fn pause_silently(&mut self) -> Result<Option<Summary>, DeviceError> {
         self.pause_with(true)
     }
@@ -276,7 +325,7 @@ mod tests {
     fn identity_features_and_config() {
         assert!(matches!(dev(0), Err(DeviceError::CpuCount(0))));
         assert!(matches!(dev(65), Err(DeviceError::CpuCount(65))));
-        let mut d = dev(3).unwrap();
+        let d = dev(3).unwrap();
         assert_eq!(d.device_id(), 58);
         assert_eq!(d.num_queues(), 6);
         let mut b = [0u8; 4];
@@ -287,8 +336,6 @@ mod tests {
         assert_eq!(b, [0, 0, 0, 0], "heartbeat high bytes, then past the end");
         d.read_config(u64::MAX, &mut b);
         assert_eq!(b, [0; 4]);
-        d.ack_features(u64::MAX);
-        assert_eq!(d.acked_features(), DEVICE_FEATURES);
     }
 
     #[test]
@@ -297,23 +344,36 @@ mod tests {
         use vmm_sys_util::eventfd::EFD_NONBLOCK;
         let lm = LoopbackMemory::new(2, 16, 256).unwrap();
         let mut d = dev(2).unwrap();
-        let irq = || -> Box<dyn Interrupt> { Box::new(|_q: u16| Ok(())) };
-        let kick = || EventFd::new(EFD_NONBLOCK).unwrap();
+        let act = |features: u64, queues: &[QueueConfig]| Activation {
+            memory: lm.mem.clone(),
+            features,
+            queues: queues.to_vec(),
+            kicks: vec![EventFd::new(EFD_NONBLOCK).unwrap()],
+            interrupt: Box::new(|_q: u16| Ok(())),
+            ring_state: None,
+        };
         assert!(matches!(
-            d.activate(lm.mem.clone(), &lm.queues, kick(), irq()),
+            d.activate(act(0, &lm.queues)),
             Err(DeviceError::NoVersion1)
         ));
-        d.ack_features(1 << VIRTIO_F_VERSION_1);
+        let v1 = 1 << VIRTIO_F_VERSION_1;
         // Bad queue layout is refused.
         assert!(matches!(
-            d.activate(lm.mem.clone(), &lm.queues[..2], kick(), irq()),
+            d.activate(act(v1, &lm.queues[..2])),
             Err(DeviceError::Engine(_))
         ));
-        d.activate(lm.mem.clone(), &lm.queues, kick(), irq())
-            .unwrap();
+        let mut no_kick = act(v1, &lm.queues);
+        no_kick.kicks.clear();
+        assert!(matches!(d.activate(no_kick), Err(DeviceError::NoKick)));
+        d.activate(act(u64::MAX, &lm.queues)).unwrap();
+        assert_eq!(
+            d.acked_features(),
+            DEVICE_FEATURES,
+            "unoffered bits dropped"
+        );
         assert!(d.is_active());
         assert!(matches!(
-            d.activate(lm.mem.clone(), &lm.queues, kick(), irq()),
+            d.activate(act(v1, &lm.queues)),
             Err(DeviceError::AlreadyActive)
         ));
         // Live counters appear within a snapshot period.

@@ -9,6 +9,8 @@
 //!   EVENT_IDX, interrupts), transport agnostic.
 //! - [`device`]: the transport-facing device model (ID, features, config space, activate /
 //!   reset) shared by the virtio-mmio and ivshmem transports.
+//! - [`control`]: [`control::MilkControl`], the one handle on a device shared by its
+//!   transport and its controllers (pause/resume, policy swap, live counters, summaries).
 //! - [`runtime`]: polling loop, task table (by gtid), sessions, commitments and acks,
 //!   policy timers, policy hosting and swap.
 //! - [`policy`]: the `Policy` trait (API v2), the `Dispatcher` a policy decides through, and
@@ -19,6 +21,7 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod device;
 pub mod loopback;
 pub mod metrics;

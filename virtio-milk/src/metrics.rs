@@ -224,6 +224,15 @@ pub struct Metrics {
     pub timers_fired: u64,
     /// CPU_TICK records.
     pub ticks: u64,
+    /// Per swap: the loop's time in the swap (revoke, attach, HELLO, first schedule), ns.
+    pub swap_stall: Histogram,
+    /// Per swap: last decision of the old policy -> first decision of the new one, ns.
+    pub swap_blackout: Histogram,
+    /// Gap between two consecutive decisions of the same policy, ns (what a swap's
+    /// blackout compares with).
+    pub decision_gap: Histogram,
+    /// The last RUN the policy swapped out last had written (for late-replay tests).
+    pub last_run_before_swap: Option<crate::runtime::RawDecision>,
 }
 
 impl Default for Metrics {
@@ -260,6 +269,10 @@ impl Default for Metrics {
             stale_policy_decisions: 0,
             timers_fired: 0,
             ticks: 0,
+            swap_stall: Histogram::default(),
+            swap_blackout: Histogram::default(),
+            decision_gap: Histogram::default(),
+            last_run_before_swap: None,
         }
     }
 }
@@ -292,6 +305,12 @@ pub struct Summary {
     pub metrics: Metrics,
     /// Queue engine counters.
     pub engine: EngineStats,
+    /// Session id the runtime offered last (0: none yet).
+    pub session_id: u64,
+    /// Whether the guest echoed that session's HELLO.
+    pub session_established: bool,
+    /// Tasks in the runtime's task table.
+    pub tasks: usize,
 }
 
 fn fmt_ns(ns: u64) -> String {
@@ -402,6 +421,22 @@ impl fmt::Display for Summary {
                 f,
                 "\n  records queued before this runtime started (dropped): {}",
                 m.discarded_on_start
+            )?;
+        }
+        if m.policy_swaps > 0 {
+            write!(
+                f,
+                "\n  policy swaps: {} (stale outcomes {}, stale decisions {}); stall p50 {} max {}; \
+                 blackout p50 {} max {} (decision gap p50 {} p99 {})",
+                m.policy_swaps,
+                m.stale_policy_outcomes,
+                m.stale_policy_decisions,
+                fmt_ns(m.swap_stall.percentile(50.0)),
+                fmt_ns(m.swap_stall.max()),
+                fmt_ns(m.swap_blackout.percentile(50.0)),
+                fmt_ns(m.swap_blackout.max()),
+                fmt_ns(m.decision_gap.percentile(50.0)),
+                fmt_ns(m.decision_gap.percentile(99.0))
             )?;
         }
         if m.injected > 0 {

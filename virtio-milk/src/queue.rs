@@ -47,6 +47,18 @@ pub struct QueueConfig {
     pub used_ring: u64,
 }
 
+/// Position of one split virtqueue, as vhost-user's `GET/SET_VRING_BASE` carry it: the next
+/// available-ring slot the device will read and the next used-ring slot it will write.
+/// Exporting it from one engine and importing it into another hands a live queue over
+/// without the driver noticing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingState {
+    /// Next available-ring index to read.
+    pub next_avail: u16,
+    /// Next used-ring index to write.
+    pub next_used: u16,
+}
+
 /// How the engine signals the driver that a queue has used buffers (irqfd, MSI-X, ...).
 pub trait Interrupt: Send {
     /// Signal used buffers on queue `queue_index`.
@@ -85,6 +97,10 @@ pub enum EngineError {
     /// A queue's size or addresses are invalid for this memory.
     #[error("queue {0} configuration is invalid")]
     InvalidQueue(u16),
+    /// A ring position to import is impossible for this queue (used ahead of avail, or
+    /// more than a ring apart).
+    #[error("queue {0}: impossible ring position")]
+    BadRingState(u16),
     /// Waiting on the kick eventfd failed.
     #[error("kick wait failed: {0}")]
     Kick(io::Error),
@@ -315,6 +331,85 @@ impl<M: GuestMemory> QueueEngine<M> {
         })
     }
 
+    /// The position of every queue, indexed by queue index (2c event, 2c+1 decision).
+    /// Decisions still in the backlog are not part of it: they were never given to the
+    /// driver.
+    pub fn ring_state(&self) -> Vec<RingState> {
+        (0..self.events.len() * 2)
+            .map(|i| {
+                let q = self.queue(i);
+                RingState {
+                    next_avail: q.next_avail(),
+                    next_used: q.next_used(),
+                }
+            })
+            .collect()
+    }
+
+    /// Continue every queue from `states` (one per queue index, e.g. from
+    /// [`Self::ring_state`] of the engine that served the queues before). Each entry must
+    /// be one a device could have reached: `next_used <= next_avail` and at most one ring
+    /// of entries apart (wrapping arithmetic); otherwise nothing changes.
+    pub fn set_ring_state(&mut self, states: &[RingState]) -> Result<(), EngineError> {
+        let n = self.events.len() * 2;
+        if states.len() != n {
+            return Err(EngineError::QueueCount {
+                expected: n,
+                got: states.len(),
+            });
+        }
+        for (i, st) in states.iter().enumerate() {
+            let size = self.queue(i).size();
+            if st.next_avail.wrapping_sub(st.next_used) > size {
+                return Err(EngineError::BadRingState(i as u16));
+            }
+        }
+        for (i, st) in states.iter().enumerate() {
+            let q = self.queue_mut(i);
+            q.set_next_avail(st.next_avail);
+            q.set_next_used(st.next_used);
+        }
+        Ok(())
+    }
+
+    /// Ring positions recovered from guest memory alone, for a device that lost its own
+    /// (its process died): each queue continues at the used index the driver can see.
+    /// This engine completes every chain in order and right after taking it (events are
+    /// consumed whole, decision buffers are used as they are filled), so nothing was taken
+    /// without being returned and `next_avail == next_used == used.idx`. A chain that was
+    /// taken but not returned before the crash is taken again.
+    pub fn ring_state_from_memory(&self) -> Result<Vec<RingState>, EngineError> {
+        (0..self.events.len() * 2)
+            .map(|i| {
+                let used = self
+                    .queue(i)
+                    .used_idx(&self.mem, Ordering::Acquire)
+                    .map_err(|_| EngineError::InvalidQueue(i as u16))?
+                    .0;
+                Ok(RingState {
+                    next_avail: used,
+                    next_used: used,
+                })
+            })
+            .collect()
+    }
+
+    fn queue(&self, index: usize) -> &Queue {
+        if index.is_multiple_of(2) {
+            &self.events[index / 2]
+        } else {
+            &self.decisions[index / 2]
+        }
+    }
+
+    fn queue_mut(&mut self, index: usize) -> &mut Queue {
+        if index.is_multiple_of(2) {
+            &mut self.events[index / 2]
+        } else {
+            &mut self.decisions[index / 2]
+        }
+    }
+
     /// Number of CPUs served.
     pub fn num_cpus(&self) -> u32 {
         self.cfg.num_cpus
@@ -486,6 +581,16 @@ impl<M: GuestMemory> QueueEngine<M> {
                 false
             }
         }
+    }
+
+    /// Take every decision still waiting for a guest buffer, as `(cpu, record)` in queue
+    /// order per CPU (e.g. to keep some and [`Self::push_decision`] them back).
+    pub fn take_backlog(&mut self) -> Vec<(u16, [u8; RECORD_SIZE])> {
+        let mut out = Vec::with_capacity(self.backlog_len());
+        for (cpu, b) in self.backlog.iter_mut().enumerate() {
+            out.extend(b.drain(..).map(|r| (cpu as u16, r)));
+        }
+        out
     }
 
     /// Drop every decision still waiting for a guest buffer; returns how many.

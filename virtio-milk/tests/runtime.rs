@@ -713,8 +713,6 @@ fn device_pause_and_resume_mid_workload() {
         RuntimeConfig::default(),
     )
     .unwrap();
-    dev.ack_features(dev.device_features());
-    assert_ne!(dev.acked_features() & (1 << VIRTIO_F_VERSION_1), 0);
     let dq = lm.driver_queues(true);
     let queues = lm.queues.clone();
     let mem = lm.mem.clone();
@@ -724,8 +722,16 @@ fn device_pause_and_resume_mid_workload() {
         kick: kick.try_clone().unwrap(),
     };
     g.post_decision_buffers();
-    dev.activate(mem, &queues, kick, Box::new(|_q: u16| Ok(())))
-        .unwrap();
+    dev.activate(virtio_milk::device::Activation {
+        memory: mem,
+        features: dev.device_features(),
+        queues,
+        kicks: vec![kick],
+        interrupt: Box::new(|_q: u16| Ok(())),
+        ring_state: None,
+    })
+    .unwrap();
+    assert_ne!(dev.acked_features() & (1 << VIRTIO_F_VERSION_1), 0);
     let deadline = Instant::now() + Duration::from_secs(10);
     let wait_for = |g: &mut Guest, what: &str, f: &dyn Fn(&Message) -> bool| loop {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");

@@ -224,32 +224,86 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
     ]
 }
 
-/// Adapts the host-supported CPUID for vCPU `cpu` of `num_cpus`: APIC IDs,
-/// logical processor counts, topology leaves and the hypervisor bit.
-pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u32, num_cpus: u32) {
-    let apic_id = cpu;
-    // Bits needed to number all CPUs at the core level of leaf 0xB.
-    let core_shift = 32 - (num_cpus.max(1) - 1).leading_zeros();
+/// The CPU vendor, from CPUID leaf 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Vendor {
+    /// `GenuineIntel`.
+    Intel,
+    /// `AuthenticAMD` or `HygonGenuine` (AMD's topology leaves).
+    Amd,
+    /// Anything else: only the vendor-neutral leaves are touched.
+    Other,
+}
+
+/// The vendor named by leaf 0 (EBX, EDX, ECX spell the vendor string).
+pub fn cpuid_vendor(cpuid: &CpuId) -> Vendor {
+    let Some(e) = cpuid.as_slice().iter().find(|e| e.function == 0) else {
+        return Vendor::Other;
+    };
+    let mut v = [0u8; 12];
+    v[0..4].copy_from_slice(&e.ebx.to_le_bytes());
+    v[4..8].copy_from_slice(&e.edx.to_le_bytes());
+    v[8..12].copy_from_slice(&e.ecx.to_le_bytes());
+    match &v {
+        b"GenuineIntel" => Vendor::Intel,
+        b"AuthenticAMD" | b"HygonGenuine" => Vendor::Amd,
+        _ => Vendor::Other,
+    }
+}
+
+/// CPUID.1:ECX bit 24: TSC-deadline mode of the local APIC timer.
+pub const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID.1:ECX bit 31: running under a hypervisor.
+pub const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// CPUID.0x8000_0001:ECX bit 1 (AMD CmpLegacy): the HTT count means cores.
+pub const CPUID_80000001_ECX_CMP_LEGACY: u32 = 1 << 1;
+
+/// What the vCPU's CPUID describes besides the host's features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CpuidTopology {
+    /// This vCPU's index (= its APIC ID).
+    pub cpu: u32,
+    /// vCPUs in the VM: one package, one core per vCPU, one thread per core.
+    pub num_cpus: u32,
+    /// KVM emulates the TSC-deadline timer (`KVM_CAP_TSC_DEADLINE_TIMER`).
+    pub tsc_deadline: bool,
+}
+
+/// Adapts the host-supported CPUID for one vCPU: APIC IDs and logical CPU
+/// counts (leaf 1, Intel leaf 4 and 0xB/0x1F, AMD 0x8000_0001/0x8000_0008/
+/// 0x8000_001E, all describing the same one-package topology), the
+/// TSC-deadline bit when KVM emulates it, and the hypervisor bit.
+pub fn filter_cpuid(cpuid: &mut CpuId, t: CpuidTopology) {
+    let vendor = cpuid_vendor(cpuid);
+    let (apic_id, num_cpus) = (t.cpu, t.num_cpus.max(1));
+    // Bits needed to number all CPUs at the core level.
+    let core_shift = 32 - (num_cpus - 1).leading_zeros();
     for e in cpuid.as_mut_slice().iter_mut() {
         match e.function {
             0x1 => {
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | (num_cpus.min(255) << 16);
-                e.ecx |= 1 << 31; // running under a hypervisor
+                e.ecx |= CPUID_1_ECX_HYPERVISOR;
+                if t.tsc_deadline {
+                    e.ecx |= CPUID_1_ECX_TSC_DEADLINE;
+                } else {
+                    e.ecx &= !CPUID_1_ECX_TSC_DEADLINE;
+                }
                 if num_cpus > 1 {
                     e.edx |= 1 << 28; // HTT: the count in EBX[23:16] is valid
                 } else {
                     e.edx &= !(1 << 28);
                 }
             }
-            0x4
-                // Cores per package - 1 in EAX[31:26]; one thread per core.
-                if e.eax & 0x1f != 0 => {
-                    let level = (e.eax >> 5) & 0x7;
-                    let sharing = if level >= 3 { num_cpus - 1 } else { 0 };
-                    e.eax = (e.eax & 0x3fff)
-                        | ((num_cpus - 1).min(63) << 26)
-                        | ((sharing & 0xfff) << 14);
-                }
+            // Intel deterministic cache parameters: cores per package - 1 in
+            // EAX[31:26] (matching leaf 0xB's core level), and the threads
+            // sharing each cache: one for per-core caches (one thread per
+            // core), all vCPUs for the shared L3.
+            0x4 if vendor != Vendor::Amd && e.eax & 0x1f != 0 => {
+                let level = (e.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { num_cpus - 1 } else { 0 };
+                e.eax =
+                    (e.eax & 0x3fff) | ((num_cpus - 1).min(63) << 26) | ((sharing & 0xfff) << 14);
+            }
             0xb | 0x1f => {
                 e.edx = apic_id;
                 match e.index {
@@ -269,6 +323,26 @@ pub fn filter_cpuid(cpuid: &mut CpuId, cpu: u32, num_cpus: u32) {
                         e.ecx = n;
                     }
                 }
+            }
+            0x8000_0001 if vendor == Vendor::Amd => {
+                if num_cpus > 1 {
+                    e.ecx |= CPUID_80000001_ECX_CMP_LEGACY;
+                } else {
+                    e.ecx &= !CPUID_80000001_ECX_CMP_LEGACY;
+                }
+            }
+            // AMD: ECX[7:0] = cores - 1, ECX[15:12] = APIC ID bits for the
+            // core; the rest (address sizes in EAX, features in EBX) stays.
+            0x8000_0008 if vendor == Vendor::Amd => {
+                e.ecx = (e.ecx & !0xf0ff) | ((num_cpus - 1).min(255)) | ((core_shift & 0xf) << 12);
+            }
+            // AMD extended APIC ID / compute unit / node: one thread per
+            // compute unit, one node.
+            0x8000_001e if vendor == Vendor::Amd => {
+                e.eax = apic_id;
+                e.ebx = apic_id & 0xff;
+                e.ecx = 0;
+                e.edx = 0;
             }
             _ => {}
         }
@@ -311,11 +385,19 @@ pub fn configure_vcpu(
     cpu: u32,
     num_cpus: u32,
     base_cpuid: &CpuId,
+    tsc_deadline: bool,
     boot: Option<(EntryMode, u64)>,
 ) -> Result<(), CpuError> {
     let kvm = |what| move |err| CpuError::Kvm { cpu, what, err };
     let mut cpuid = base_cpuid.clone();
-    filter_cpuid(&mut cpuid, cpu, num_cpus);
+    filter_cpuid(
+        &mut cpuid,
+        CpuidTopology {
+            cpu,
+            num_cpus,
+            tsc_deadline,
+        },
+    );
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
 
     let entries = boot_msrs();
@@ -430,12 +512,55 @@ mod tests {
         assert_eq!(gdt2, BOOT_GDT[2]);
     }
 
+    fn vendor_leaf(v: &[u8; 12], max: u32) -> kvm_cpuid_entry2 {
+        let w = |i: usize| u32::from_le_bytes([v[i], v[i + 1], v[i + 2], v[i + 3]]);
+        kvm_cpuid_entry2 {
+            function: 0,
+            eax: max,
+            ebx: w(0),
+            edx: w(4),
+            ecx: w(8),
+            ..Default::default()
+        }
+    }
+
+    fn topo(cpu: u32, num_cpus: u32) -> CpuidTopology {
+        CpuidTopology {
+            cpu,
+            num_cpus,
+            tsc_deadline: true,
+        }
+    }
+
+    fn leaf(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
     #[test]
-    fn cpuid_topology() {
+    fn vendor_comes_from_leaf_0() {
+        for (v, want) in [
+            (b"GenuineIntel", Vendor::Intel),
+            (b"AuthenticAMD", Vendor::Amd),
+            (b"HygonGenuine", Vendor::Amd),
+            (b"KVMKVMKVM\0\0\0", Vendor::Other),
+        ] {
+            let c = CpuId::from_entries(&[vendor_leaf(v, 0xd)]).unwrap();
+            assert_eq!(cpuid_vendor(&c), want);
+        }
+        assert_eq!(cpuid_vendor(&CpuId::new(0).unwrap()), Vendor::Other);
+    }
+
+    #[test]
+    fn cpuid_topology_intel() {
         let entries = [
+            vendor_leaf(b"GenuineIntel", 0x1f),
             kvm_cpuid_entry2 {
                 function: 1,
                 ebx: 0x0000_0800,
+                ecx: CPUID_1_ECX_TSC_DEADLINE,
                 ..Default::default()
             },
             kvm_cpuid_entry2 {
@@ -454,24 +579,115 @@ mod tests {
                 eax: (3 << 5) | 3,
                 ..Default::default()
             },
+            kvm_cpuid_entry2 {
+                function: 4,
+                index: 0,
+                eax: (1 << 5) | 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0008,
+                eax: 0x3030,
+                ecx: 0x1234,
+                ..Default::default()
+            },
         ];
         let mut c = CpuId::from_entries(&entries).unwrap();
-        filter_cpuid(&mut c, 2, 4);
-        let e = c.as_slice();
-        assert_eq!(e[0].ebx >> 24, 2, "APIC ID");
-        assert_eq!((e[0].ebx >> 16) & 0xff, 4, "logical CPUs");
-        assert_eq!(e[0].ebx & 0xffff, 0x0800, "CLFLUSH size kept");
-        assert_ne!(e[0].ecx & (1 << 31), 0, "hypervisor bit");
-        assert_ne!(e[0].edx & (1 << 28), 0, "HTT");
-        assert_eq!((e[1].ebx, e[1].edx, e[1].ecx), (1, 2, 1 << 8));
-        assert_eq!((e[2].eax, e[2].ebx, e[2].ecx), (2, 4, (2 << 8) | 1));
-        assert_eq!(e[3].eax >> 26, 3);
-        assert_eq!((e[3].eax >> 14) & 0xfff, 3);
+        filter_cpuid(&mut c, topo(2, 4));
+        let l1 = leaf(&c, 1, 0);
+        assert_eq!(l1.ebx >> 24, 2, "APIC ID");
+        assert_eq!((l1.ebx >> 16) & 0xff, 4, "logical CPUs");
+        assert_eq!(l1.ebx & 0xffff, 0x0800, "CLFLUSH size kept");
+        assert_ne!(l1.ecx & CPUID_1_ECX_HYPERVISOR, 0, "hypervisor bit");
+        assert_ne!(l1.ecx & CPUID_1_ECX_TSC_DEADLINE, 0, "TSC deadline");
+        assert_ne!(l1.edx & (1 << 28), 0, "HTT");
+        let (smt, core) = (leaf(&c, 0xb, 0), leaf(&c, 0xb, 1));
+        assert_eq!((smt.ebx, smt.edx, smt.ecx), (1, 2, 1 << 8));
+        assert_eq!((core.eax, core.ebx, core.ecx), (2, 4, (2 << 8) | 1));
+        // Leaf 4 agrees with leaf 0xB: 4 cores per package; L1 per core, L3
+        // shared by all.
+        let (l3, l1d) = (leaf(&c, 4, 3), leaf(&c, 4, 0));
+        assert_eq!(l3.eax >> 26, core.ebx - 1);
+        assert_eq!((l3.eax >> 14) & 0xfff, 3);
+        assert_eq!(l1d.eax >> 26, 3);
+        assert_eq!((l1d.eax >> 14) & 0xfff, 0);
+        // AMD leaves are left alone on Intel.
+        assert_eq!(leaf(&c, 0x8000_0008, 0).ecx, 0x1234);
 
         let mut one = CpuId::from_entries(&entries).unwrap();
-        filter_cpuid(&mut one, 0, 1);
-        assert_eq!(one.as_slice()[0].edx & (1 << 28), 0);
-        assert_eq!(one.as_slice()[2].eax, 0);
+        filter_cpuid(
+            &mut one,
+            CpuidTopology {
+                cpu: 0,
+                num_cpus: 1,
+                tsc_deadline: false,
+            },
+        );
+        assert_eq!(leaf(&one, 1, 0).edx & (1 << 28), 0);
+        assert_eq!(leaf(&one, 1, 0).ecx & CPUID_1_ECX_TSC_DEADLINE, 0);
+        assert_eq!(leaf(&one, 0xb, 1).eax, 0);
+    }
+
+    #[test]
+    fn cpuid_topology_amd() {
+        let entries = [
+            vendor_leaf(b"AuthenticAMD", 0x10),
+            kvm_cpuid_entry2 {
+                function: 1,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 4,
+                eax: 0x121,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0001,
+                ecx: 1 << 22,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_0008,
+                eax: 0x3030,
+                ebx: 0x1000,
+                ecx: 0x0000_7007, // host: 8 cores, 7 APIC ID bits
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0x8000_001e,
+                eax: 9,
+                ebx: 0x0107,
+                ecx: 0x0302,
+                edx: 5,
+                ..Default::default()
+            },
+        ];
+        let mut c = CpuId::from_entries(&entries).unwrap();
+        filter_cpuid(&mut c, topo(2, 3));
+        let l1 = leaf(&c, 1, 0);
+        assert_eq!((l1.ebx >> 24, (l1.ebx >> 16) & 0xff), (2, 3));
+        assert_ne!(l1.ecx & CPUID_1_ECX_TSC_DEADLINE, 0);
+        // Intel's leaf 4 means nothing on AMD and is not rewritten.
+        assert_eq!(leaf(&c, 4, 0).eax, 0x121);
+        let ext = leaf(&c, 0x8000_0001, 0);
+        assert_ne!(ext.ecx & CPUID_80000001_ECX_CMP_LEGACY, 0, "CmpLegacy");
+        assert_ne!(ext.ecx & (1 << 22), 0, "other features kept");
+        let sz = leaf(&c, 0x8000_0008, 0);
+        assert_eq!(sz.ecx & 0xff, 2, "NC = cores - 1");
+        assert_eq!((sz.ecx >> 12) & 0xf, 2, "ApicIdSize: 2 bits for 3 cores");
+        assert_eq!((sz.eax, sz.ebx), (0x3030, 0x1000), "address sizes kept");
+        let topo_ext = leaf(&c, 0x8000_001e, 0);
+        assert_eq!(topo_ext.eax, 2, "extended APIC ID");
+        assert_eq!(topo_ext.ebx, 2, "compute unit 2, one thread per unit");
+        assert_eq!((topo_ext.ecx, topo_ext.edx), (0, 0), "node 0 of 1");
+
+        let mut one = CpuId::from_entries(&entries).unwrap();
+        filter_cpuid(&mut one, topo(0, 1));
+        assert_eq!(
+            leaf(&one, 0x8000_0001, 0).ecx & CPUID_80000001_ECX_CMP_LEGACY,
+            0
+        );
+        assert_eq!(leaf(&one, 0x8000_0008, 0).ecx & 0xf0ff, 0);
     }
 
     #[test]

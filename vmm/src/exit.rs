@@ -23,6 +23,8 @@ pub enum ExitReason {
     Timeout,
     /// The VMM received this signal (SIGINT/SIGTERM).
     Signal(i32),
+    /// Stopped on request (the control socket's `stop`).
+    Stopped,
 }
 
 impl ExitReason {
@@ -45,6 +47,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::VmmError(s) => write!(f, "VMM error: {s}"),
             ExitReason::Timeout => write!(f, "timeout"),
             ExitReason::Signal(s) => write!(f, "interrupted by signal {s}"),
+            ExitReason::Stopped => write!(f, "stopped on request"),
         }
     }
 }

@@ -1,11 +1,19 @@
 //! `milk-vmm`: boot a MiLK guest under KVM (or QEMU TCG where KVM cannot run it).
+//!
+//! The thin front: command line, engine choice and QEMU runs (`milk-launcher`), the KVM
+//! VMM (this package's library), the control socket (`milk-control`), and one outcome
+//! ([`milk_launcher::Run`]) whatever ran the guest.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use milk_vmm::{choose_engine, detect_kvm, exit_code, Engine, EngineChoice, Vm, VmConfig};
+use milk_control::{ControlServer, VmControl};
+use milk_launcher::{choose_engine, detect_kvm, End, Engine, EngineChoice, Run, StopFn};
+use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
+use virtio_milk::control::PolicyControl;
 
 const EXAMPLES: &str = "\
 Examples:
@@ -20,7 +28,11 @@ Examples:
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --engine qemu --cpus 2 \\
            --cmdline 'milk.run=\"milk-work -t 16 -r 5\"' --policy fifo
 
-Exit status: the guest's `MILK-RESULT status=<n>`; otherwise 64 invalid
+  # With a control socket; from another shell swap the policy live.
+  milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
+  milkctl --api-sock /tmp/milk.sock swap rr
+
+Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
 69 engine unavailable, 70 VMM failure, 71 guest fault (KVM internal error),
 73 serial log not writable, 80 guest ended without a result line,
@@ -63,6 +75,11 @@ struct Cli {
     /// this policy; a summary is printed at exit.
     #[arg(long, value_name = "NAME", long_help = policy_help())]
     policy: Option<String>,
+    /// Control socket (Unix, mode 0600, line-delimited JSON; see docs/control.md
+    /// and milkctl). Default: $XDG_RUNTIME_DIR/milk/milk-vmm-<pid>.sock, or
+    /// /run/milk/milk-vmm-<pid>.sock; the path is printed at start.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -82,59 +99,138 @@ struct Cli {
     linux64: bool,
 }
 
-type Summaries = Option<milk_vmm::devices::virtio::milk::MilkSummaries>;
+/// The control socket of this run, opened once the engine is known.
+struct Api {
+    path: Option<PathBuf>,
+    server: Option<ControlServer>,
+    vm: Option<Arc<VmControl>>,
+}
+
+impl Api {
+    /// Opens the socket for a VM run by `engine`. An explicit path that cannot
+    /// be bound is an error; the default path only warns.
+    fn open(
+        &mut self,
+        engine: &str,
+        device: Option<Arc<dyn PolicyControl>>,
+        stop: StopFn,
+    ) -> Result<(), String> {
+        let vm = Arc::new(VmControl::new(engine, device, stop));
+        let (path, explicit) = match &self.path {
+            Some(p) => (p.clone(), true),
+            None => (milk_control::default_socket_path(), false),
+        };
+        match ControlServer::bind(&path, vm.clone()) {
+            Ok(s) => {
+                eprintln!("milk-vmm: control socket {}", s.path().display());
+                self.server = Some(s);
+            }
+            Err(e) if explicit => return Err(e.to_string()),
+            Err(e) => log::warn!("no control socket: {e} (use --api-sock PATH)"),
+        }
+        self.vm = Some(vm);
+        Ok(())
+    }
+}
 
 fn new_vm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
-) -> Result<(Vm, Summaries), milk_vmm::VmmError> {
+) -> Result<(Vm, Option<MilkControl>), milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
-        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
-        vm.add_virtio_device(Box::new(dev))?;
+        #[cfg(feature = "test-devices")]
+        {
+            let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+            vm.add_virtio_device(Box::new(dev))?;
+        }
+        #[cfg(not(feature = "test-devices"))]
+        return Err(milk_vmm::VmmError::InvalidConfig(
+            "--echo-device needs milk-vmm built with the test-devices feature".into(),
+        ));
     }
-    let mut summaries = None;
-    if let Some(name) = policy {
-        let name = name.to_owned();
-        let factory: virtio_milk::device::PolicyFactory = Box::new(move || {
-            // Checked with milk_policies::by_name before the VM starts.
-            milk_policies::by_name(&name).unwrap_or_else(|e| {
-                log::error!("{e}; using fifo");
-                Box::new(milk_policies::Fifo::default())
-            })
-        });
-        let (dev, s) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
+    let mut control = None;
+    if let Some(spec) = policy {
+        let p = milk_policies::resolve(spec)
+            .map_err(|e| milk_vmm::VmmError::InvalidConfig(format!("--policy: {e}")))?;
+        let (dev, c) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
             cpus,
-            factory,
+            &p.spec,
+            p.factory,
             virtio_milk::runtime::RuntimeConfig::default(),
         )?;
         vm.add_virtio_device(Box::new(dev))?;
-        summaries = Some(s);
+        control = Some(c);
     }
-    Ok((vm, summaries))
+    Ok((vm, control))
 }
 
-fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>) -> i32 {
-    let (vm, summaries) = match new_vm(config, echo_device, policy) {
+type MilkControl = milk_vmm::devices::virtio::milk::MilkControl;
+
+fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>, api: &mut Api) -> i32 {
+    let (mut vm, control) = match new_vm(config, echo_device, policy) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
             return e.exit_code();
         }
     };
+    let exit = match vm.exit_handle() {
+        Ok(h) => h,
+        Err(e) => {
+            eprintln!("milk-vmm: creating the exit eventfd: {e}");
+            return exit_code::SOFTWARE;
+        }
+    };
+    let exit = Mutex::new(exit);
+    let stop: StopFn = Box::new(move || {
+        exit.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .request(ExitReason::Stopped);
+        Ok(())
+    });
+    let device = control
+        .clone()
+        .map(|c| Arc::new(c) as Arc<dyn PolicyControl>);
+    if let Err(e) = api.open("kvm", device, stop) {
+        eprintln!("milk-vmm: {e}");
+        return exit_code::USAGE;
+    }
     let result = vm.run();
     // The VM and its devices are gone: every runtime summary is in.
-    if let Some(s) = summaries {
-        print_summaries(&s.lock().unwrap_or_else(|e| e.into_inner()));
-    }
     match result {
-        Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
+        Ok(outcome) => Run {
+            engine: Engine::Kvm,
+            end: kvm_end(&outcome),
+            summaries: control.map(|c| c.summaries()),
+        }
+        .report(),
         Err(e) => {
+            if let Some(c) = control {
+                for s in c.summaries() {
+                    println!("{s}");
+                }
+            }
             eprintln!("milk-vmm: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// How a KVM run ended, in the launcher's terms.
+fn kvm_end(o: &VmOutcome) -> End {
+    if let Some(s) = o.result {
+        return End::Result(s);
+    }
+    match &o.exit {
+        r if r.is_clean() => End::NoResult(r.to_string()),
+        ExitReason::Timeout => End::Timeout,
+        ExitReason::Signal(s) => End::Signal(*s),
+        ExitReason::GuestFault(w) => End::GuestFault(w.clone()),
+        ExitReason::Stopped => End::Stopped,
+        other => End::Failed(other.to_string()),
     }
 }
 
@@ -145,18 +241,9 @@ fn policy_help() -> String {
          host-side policy; a summary (messages, decisions, rejections, fallbacks, \
          event -> decision latency) is printed at exit. Under QEMU guest memory is limited \
          to {} MiB. Known policies: {}",
-        milk_vmm::engine::QEMU_MILK_MAX_MEMORY_MIB,
+        milk_launcher::QEMU_MILK_MAX_MEMORY_MIB,
         milk_policies::names().join(", ")
     )
-}
-
-fn print_summaries(summaries: &[virtio_milk::metrics::Summary]) {
-    if summaries.is_empty() {
-        println!("virtio-milk summary: the guest driver never started the device");
-    }
-    for s in summaries {
-        println!("{s}");
-    }
 }
 
 fn main() -> ExitCode {
@@ -170,7 +257,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> i32 {
     if let Some(p) = &cli.policy {
-        if let Err(e) = milk_vmm::engine::check_policy(p) {
+        if let Err(e) = milk_launcher::qemu::check_policy(p) {
             eprintln!("milk-vmm: {e}");
             return e.exit_code();
         }
@@ -211,34 +298,32 @@ fn run(cli: Cli) -> i32 {
             return e.exit_code();
         }
     };
-    match engine {
-        Engine::Qemu if cli.policy.is_some() => {
-            let policy = cli.policy.as_deref().unwrap_or_default();
-            match milk_vmm::engine::run_qemu_milk(&config, policy) {
-                Ok(run) => {
-                    print_summaries(&run.summaries);
-                    run.result.unwrap_or_else(|| {
-                        eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-                        exit_code::NO_RESULT
-                    })
-                }
-                Err(e) => {
-                    eprintln!("milk-vmm: {e}");
-                    e.exit_code()
-                }
-            }
+    let mut api = Api {
+        path: cli.api_sock.clone(),
+        server: None,
+        vm: None,
+    };
+    if engine == Engine::Kvm {
+        return run_kvm(config, cli.echo_device, cli.policy.as_deref(), &mut api);
+    }
+    let guest = milk_launcher::GuestConfig {
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cmdline: config.cmdline.clone(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        serial_log: config.serial_log.clone(),
+        echo_console: config.echo_console,
+        timeout: config.timeout,
+        policy: cli.policy.clone(),
+    };
+    let mut on_start =
+        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
+    match milk_launcher::run_qemu(&guest, &mut on_start) {
+        Ok(run) => run.report(),
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            e.exit_code()
         }
-        Engine::Qemu => match milk_vmm::engine::run_qemu(&config) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-                exit_code::NO_RESULT
-            }
-            Err(e) => {
-                eprintln!("milk-vmm: {e}");
-                e.exit_code()
-            }
-        },
-        Engine::Kvm => run_kvm(config, cli.echo_device, cli.policy.as_deref()),
     }
 }

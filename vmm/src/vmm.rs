@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -211,6 +211,7 @@ pub struct Vm {
     config: VmConfig,
     devices: Vec<Box<dyn VirtioDevice>>,
     line_cb: Option<LineCallback>,
+    exit: Option<ExitHandle>,
 }
 
 /// Handle on a virtio-mmio slot of a running or finished VM.
@@ -223,7 +224,17 @@ impl Vm {
             config,
             devices: Vec::new(),
             line_cb: None,
+            exit: None,
         }
+    }
+
+    /// The handle that stops this VM from another thread (e.g.
+    /// `exit_handle()?.request(ExitReason::Stopped)`), valid before and during the run.
+    pub fn exit_handle(&mut self) -> std::io::Result<ExitHandle> {
+        if self.exit.is_none() {
+            self.exit = Some(ExitHandle::new()?);
+        }
+        Ok(self.exit.clone().expect("just set"))
     }
 
     /// Adds a virtio device in the next virtio-mmio slot; returns the slot index
@@ -261,6 +272,7 @@ impl Vm {
             config,
             devices,
             line_cb,
+            exit,
         } = self;
         config.validate()?;
         vcpu::register_kick_handler().map_err(|e| VmmError::Io {
@@ -269,6 +281,11 @@ impl Vm {
         })?;
 
         let kvm = Kvm::new().map_err(|e| VmmError::KvmUnavailable(format!("/dev/kvm: {e}")))?;
+        let missing = missing_capabilities(|c| kvm.check_extension(c));
+        if !missing.is_empty() {
+            return Err(VmmError::MissingCapabilities(missing.join(", ")));
+        }
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let max = kvm.get_max_vcpus() as u32;
         if config.cpus > max {
             return Err(VmmError::InvalidConfig(format!(
@@ -314,7 +331,10 @@ impl Vm {
             kernel.entry.raw_value()
         );
 
-        let exit = ExitHandle::new().map_err(VmmError::io("creating the exit eventfd"))?;
+        let exit = match exit {
+            Some(e) => e,
+            None => ExitHandle::new().map_err(VmmError::io("creating the exit eventfd"))?,
+        };
         let log_file = match &config.serial_log {
             Some(p) => Some(File::create(p).map_err(|err| VmmError::SerialLog {
                 path: p.clone(),
@@ -415,7 +435,7 @@ impl Vm {
                 .create_vcpu(u64::from(id))
                 .map_err(VmmError::kvm(format!("KVM_CREATE_VCPU {id}")))?;
             let boot = (id == 0).then_some((kernel.mode, kernel.entry.raw_value()));
-            cpu::configure_vcpu(&fd, id, config.cpus, &base_cpuid, boot)?;
+            cpu::configure_vcpu(&fd, id, config.cpus, &base_cpuid, tsc_deadline, boot)?;
             vcpus.push(Vcpu {
                 id,
                 fd,
@@ -490,6 +510,10 @@ pub fn outcome_exit_code(o: &VmOutcome) -> i32 {
         }
         ExitReason::Timeout => exit_code::TIMEOUT,
         ExitReason::Signal(s) => exit_code::SIGNAL_BASE + s,
+        ExitReason::Stopped => {
+            eprintln!("milk-vmm: {}", o.exit);
+            return 0;
+        }
         ExitReason::GuestFault(_) => exit_code::GUEST_FAULT,
         _ => exit_code::SOFTWARE,
     };
@@ -749,9 +773,63 @@ pub fn peak_rss_kib() -> Option<u64> {
         .ok()
 }
 
+/// KVM capabilities milk-vmm cannot run without, with the names its error
+/// message uses.
+pub const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::UserMemory, "user memory regions (KVM_CAP_USER_MEMORY)"),
+    (Cap::Irqchip, "in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+    (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+    (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+    (Cap::Pit2, "in-kernel PIT (KVM_CAP_PIT2)"),
+    (Cap::SetTssAddr, "TSS address (KVM_CAP_SET_TSS_ADDR)"),
+    (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID (KVM_CAP_EXT_CPUID)"),
+    (
+        Cap::ImmediateExit,
+        "immediate exit (KVM_CAP_IMMEDIATE_EXIT)",
+    ),
+];
+
+/// The names of the [`REQUIRED_CAPS`] that `has` says are missing.
+pub fn missing_capabilities(has: impl Fn(Cap) -> bool) -> Vec<&'static str> {
+    REQUIRED_CAPS
+        .iter()
+        .filter(|(c, _)| !has(*c))
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn capability_check_names_what_is_missing() {
+        assert!(missing_capabilities(|_| true).is_empty());
+        let missing = missing_capabilities(|c| !matches!(c, Cap::Irqfd | Cap::Ioeventfd));
+        assert_eq!(
+            missing,
+            ["irqfd (KVM_CAP_IRQFD)", "ioeventfd (KVM_CAP_IOEVENTFD)"]
+        );
+        assert_eq!(missing_capabilities(|_| false).len(), REQUIRED_CAPS.len());
+        let e = VmmError::MissingCapabilities(missing.join(", "));
+        assert_eq!(
+            e.to_string(),
+            "KVM lacks required capabilities: irqfd (KVM_CAP_IRQFD), ioeventfd (KVM_CAP_IOEVENTFD)"
+        );
+        assert_eq!(e.exit_code(), crate::error::exit_code::UNAVAILABLE);
+    }
+
+    #[test]
+    fn this_hosts_kvm_has_every_required_capability() {
+        // Where /dev/kvm opens (here: kvm_pvm; nested: kvm_amd) the check passes.
+        let Ok(kvm) = Kvm::new() else {
+            panic!("/dev/kvm is needed for the KVM tests");
+        };
+        assert_eq!(
+            missing_capabilities(|c| kvm.check_extension(c)),
+            Vec::<&str>::new()
+        );
+    }
 
     fn cfg(kernel: &std::path::Path) -> VmConfig {
         VmConfig::new(kernel)

@@ -370,6 +370,9 @@ static void poll_decisions(void)
 		CHECK(step, cond, what);                             \
 	} while (0)
 
+/* "testguest.linger": after the milk round trip keep the device running and spin. */
+static int linger;
+
 static void milk_test(void)
 {
 	union virtio_milk_record r;
@@ -475,6 +478,11 @@ static void milk_test(void)
 	putdec(milk_others);
 	puts(" other host records)\n");
 
+	if (linger) {
+		puts("milk: lingering\n");
+		for (;;)
+			__asm__ volatile("pause");
+	}
 	wr(R_STATUS, 0);
 	CHECK(138, rd(R_STATUS) == 0, "milk device reset");
 	finish(0);
@@ -494,6 +502,8 @@ void guest_main(const char *cmdline)
 			for (;;)
 				__asm__ volatile("pause");
 		}
+		if ((s == cmdline || s[-1] == ' ') && starts_with(s, "testguest.linger"))
+			linger = 1;
 	}
 
 	mmio_base = find_device(cmdline);

@@ -47,7 +47,7 @@ fn cli_kvm_policy_fifo_round_trip() {
     // Guest side.
     assert!(stdout.contains("virtio-milk device"), "{stdout}");
     assert!(
-        stdout.contains("milk: config num_cpus=1 version=1 record_size=64"),
+        stdout.contains("milk: config num_cpus=1 version=2 record_size=64"),
         "{stdout}"
     );
     assert!(stdout.contains("milk: host HELLO, policy fifo"), "{stdout}");
@@ -92,7 +92,8 @@ fn vm_with_milk_device_round_trip_64bit_entry() {
     let mut vm = Vm::new(cfg);
     let (dev, summaries) = MilkMmioDevice::new(
         1,
-        Box::new(|| milk_policies::by_name("fifo").unwrap()),
+        "fifo",
+        milk_policies::resolve("fifo").unwrap().factory,
         RuntimeConfig::default(),
     )
     .unwrap();
@@ -109,7 +110,7 @@ fn vm_with_milk_device_round_trip_64bit_entry() {
         assert!(!t.is_activated());
     }
     // The guest's reset stopped the runtime: exactly one summary.
-    let s = summaries.lock().unwrap();
+    let s = summaries.summaries();
     assert_eq!(s.len(), 1, "one runtime run");
     let m = &s[0].metrics;
     assert_eq!(m.decisions_run, 1);

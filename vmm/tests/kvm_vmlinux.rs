@@ -5,13 +5,14 @@
 //! `MILK_VMLINUX`, `MILK_BZIMAGE` and `MILK_INITRAMFS` when set.
 
 mod common;
+mod real_kvm;
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use milk_vmm::{detect_kvm, ExitReason, KvmSupport, Vm, VmConfig};
+use milk_launcher::{detect_kvm, KvmSupport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
 
@@ -139,45 +140,63 @@ fn boot_vmlinux_to_first_exception(extra: &[&str], entry: &str) {
     }
 }
 
+/// The real guest on real KVM (nested here, see `real_kvm`): vmlinux (PVH)
+/// and bzImage (64-bit boot protocol), 1 and 2 vCPUs, each to `/init` and
+/// its result line; milk-vmm's exit status is the guest command's.
 #[test]
-fn kvm_standard_guest_boots_to_result_line_with_two_vcpus() {
+fn real_kvm_boots_bzimage_and_vmlinux_with_1_and_2_vcpus_to_the_result_line() {
     let _one = serialize();
-    let reason = match detect_kvm() {
-        KvmSupport::Standard => None,
-        KvmSupport::Pvm => Some(
-            "/dev/kvm is kvm_pvm, which cannot run a standard kernel (needs KVM with VMX/SVM)"
-                .to_string(),
-        ),
-        KvmSupport::Missing(why) => Some(format!("no usable KVM: {why}")),
-    };
-    if let Some(r) = reason {
-        say(&format!(
-            "skipped: kvm_standard_guest_boots_to_result_line_with_two_vcpus: {r}"
-        ));
-        return;
+    let g = real_kvm::guest();
+    let mut r = real_kvm::runner();
+    let (vmlinux, bzimage, initrd) = (r.file(&g.vmlinux), r.file(&g.bzimage), r.file(&g.initrd));
+    // (kernel, entry log line, vCPUs, guest exit status)
+    let cases = [
+        (&vmlinux, "Pvh entry", 1, 5),
+        (&vmlinux, "Pvh entry", 2, 7),
+        (&bzimage, "Linux64 entry", 1, 0),
+        (&bzimage, "Linux64 entry", 2, 9),
+    ];
+    for (kernel, _, cpus, status) in &cases {
+        r.vmm_step(&real_kvm::args(&[
+            "--kernel",
+            kernel,
+            "--initrd",
+            &initrd,
+            "--engine",
+            "kvm",
+            "--cpus",
+            &cpus.to_string(),
+            "--timeout",
+            "240",
+            "--cmdline",
+            &format!("milk.run=\"exit {status}\""),
+        ]))
+        .unwrap();
     }
-    let (vmlinux, bzimage) = kernels();
-    let initrd = initramfs();
-    for kernel in [vmlinux, bzimage] {
-        let mut cfg = VmConfig::new(&kernel);
-        cfg.initrd = Some(initrd.clone());
-        cfg.cpus = 2;
-        cfg.memory_mib = 512;
-        cfg.echo_console = false;
-        cfg.timeout = Some(Duration::from_secs(300));
-        cfg.cmdline = "milk.run=\"exit 7\"".into();
-        let out = Vm::new(cfg).run().expect("VM runs");
-        let console = out.console.join("\n");
-        assert_eq!(out.result, Some(7), "{}: {console}", kernel.display());
-        assert_eq!(
-            out.exit,
-            ExitReason::Shutdown,
-            "reboot=t ends in a triple fault"
+    let out = real_kvm::run(&r, Duration::from_secs(900));
+    for (s, (_, entry, cpus, status)) in out.steps.iter().zip(cases) {
+        let c = real_kvm::ctx(s);
+        assert_eq!(s.status, Some(status), "exit status is the guest's: {c}");
+        let stdout = s.stdout_text();
+        let stderr = s.stderr_text();
+        assert!(stderr.contains(entry), "{entry}: {c}");
+        assert!(!stderr.contains("kvm_pvm"), "real KVM, not kvm_pvm: {c}");
+        assert!(stdout.contains("Linux version 6.12"), "banner: {c}");
+        assert!(
+            stdout.contains("MILK-BOOT kernel=") && stdout.contains(&format!(" cpus={cpus} ")),
+            "/init reports {cpus} CPUs: {c}"
         );
         assert!(
-            console.contains("MILK-BOOT") && console.contains("cpus=2"),
-            "{console}"
+            stdout.contains(&format!("MILK-RESULT status={status}")),
+            "{c}"
         );
+        say(&format!(
+            "real KVM {:?}: {} {cpus} vCPU(s): /init {:.2} s after milk-vmm started, exit {status} after {:.2} s",
+            r.mode,
+            entry,
+            s.to_guest_init.unwrap_or_default().as_secs_f64(),
+            s.elapsed.as_secs_f64()
+        ));
     }
 }
 
@@ -228,4 +247,50 @@ fn same_command_runs_the_real_guest_to_its_result_line() {
             );
         }
     }
+}
+
+/// The initramfs goes above the bzImage's decompression buffer (its
+/// runtime start + `init_size`), not just above the image: the loader
+/// decides before the guest runs, so this holds on any `/dev/kvm`.
+#[test]
+fn bzimage_initramfs_is_placed_above_init_size() {
+    let _one = serialize();
+    let (_, bzimage) = kernels();
+    let head = std::fs::read(&bzimage).unwrap();
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    let pref = u64::from_le_bytes(head[0x258..0x260].try_into().unwrap());
+    let init_end = pref + u64::from(u32_at(0x260));
+    let image_end = (1 << 20) + head.len() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("initrd");
+    // Fits between the image and the top of RAM, not above init_end.
+    let mem_mib = init_end.div_ceil(1 << 20) + 8;
+    let size = (mem_mib << 20) - init_end + (1 << 20);
+    assert!(
+        size < (mem_mib << 20) - image_end,
+        "the old rule would accept it"
+    );
+    std::fs::File::create(&big).unwrap().set_len(size).unwrap();
+    let run = |mem: u64, timeout: &str| {
+        Command::new(BIN)
+            .args(["--kernel", bzimage.to_str().unwrap(), "--engine", "kvm"])
+            .args(["--initrd", big.to_str().unwrap(), "--quiet"])
+            .args(["--memory", &mem.to_string(), "--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let out = run(mem_mib, "30");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("does not fit in guest memory"), "{stderr}");
+    // With room above init_end the same initramfs is accepted and the guest
+    // starts (then ends at the timeout, or without a result line).
+    let out = run(mem_mib + (size >> 20) + 2, "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("does not fit"), "{stderr}");
+    assert!(
+        matches!(out.status.code(), Some(124 | 80 | 71)),
+        "{:?}: {stderr}",
+        out.status
+    );
 }

@@ -1,4 +1,8 @@
-//! `cargo xtask`: builds the guest, boots it, and runs the test suite.
+//! `cargo xtask`: builds the guest, boots it, runs the test suite and the
+//! scheduler comparison.
+
+mod compare;
+mod nested;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -14,7 +18,9 @@ use milk_harness::GuestSpec;
     after_help = "Examples:\n  cargo xtask demo               build the guest, boot it, show kernel/CPUs/sched_ext\n  \
                   cargo xtask test               everything CI runs\n  \
                   cargo xtask boot -- milk-work  boot and run a command in the guest\n  \
-                  cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops"
+                  cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops\n  \
+                  cargo xtask compare --quick    smoke run of the scheduler comparison\n  \
+                  cargo xtask nested -- --kernel K --initrd I --cpus 2 --policy fifo   milk-vmm on real KVM (nested)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,6 +41,8 @@ enum Cmd {
         #[arg(long)]
         clean: bool,
     },
+    /// Build (or find in the cache) the nested-KVM L1 host kernel and print its path.
+    L1Kernel,
     /// Build (or find in the cache) the initramfs and print its path.
     Initramfs,
     /// Boot the guest under QEMU TCG and run a command in it.
@@ -58,19 +66,33 @@ enum Cmd {
         #[arg(last = true)]
         command: Vec<String>,
     },
+    /// Run a milk-vmm command on real KVM: inside a nested L1 host under QEMU
+    /// TCG with emulated AMD SVM (directly where /dev/kvm has VMX/SVM);
+    /// exits with milk-vmm's status.
+    Nested(nested::NestedArgs),
     /// Build the kernel twice from scratch and compare the bzImage hashes.
     Reproducible {
         /// Write the hash into guest-kernel/kernel.lock when both builds agree.
         #[arg(long)]
         record: bool,
     },
+    /// Compare CFS, scx_test_fifo and milk with every host policy on the
+    /// same workloads: interleaved boots, medians and spreads, ratios to
+    /// CFS, fidelity counters, JSON and SVG plots.
+    Compare(compare::CompareArgs),
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::parse();
+    // compare prints its own progress; the per-boot transport logs would bury it.
+    let level = if matches!(cli.cmd, Cmd::Compare(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();
-    let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -135,6 +157,17 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             println!("config   {}", k.config.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::L1Kernel => {
+            let k = milk_l1_host::kernel::ensure_kernel()?;
+            println!("version  {}", k.version);
+            println!(
+                "bzImage  {} (sha256 {})",
+                k.bzimage.display(),
+                k.bzimage_sha256
+            );
+            println!("config   {}", k.config.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Initramfs => {
             println!("{}", milk_images::ensure_initramfs()?.display());
             Ok(ExitCode::SUCCESS)
@@ -162,6 +195,11 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             Ok(exit_for(&out))
         }
         Cmd::Reproducible { record } => reproducible(record),
+        Cmd::Compare(args) => {
+            compare::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Nested(a) => nested::run(a, &workspace_root()),
     }
 }
 
@@ -286,6 +324,8 @@ fn test_suite() -> Res<ExitCode> {
     let k = milk_guest_kernel::ensure_built()?;
     eprintln!("kernel {} at {}", k.version, k.vmlinux.display());
     eprintln!("initramfs {}", milk_images::ensure_initramfs()?.display());
+    let l1 = milk_l1_host::kernel::ensure_kernel()?;
+    eprintln!("L1 host kernel {} at {}", l1.version, l1.bzimage.display());
     step(
         "tests",
         cargo().args([

@@ -16,6 +16,7 @@ mod dispatch;
 mod handle;
 mod inject;
 mod session;
+mod swap;
 mod tasks;
 pub mod timers;
 
@@ -106,6 +107,7 @@ pub struct Runtime<M: GuestMemory> {
     pids: HashMap<u32, Gtid>,
     commits: Commitments,
     timers: Timers,
+    swap_clock: swap::SwapClock,
     metrics: Metrics,
     cfg: RuntimeConfig,
     session_id: u64,
@@ -139,6 +141,7 @@ impl<M: GuestMemory> Runtime<M> {
             view,
             pids: HashMap::new(),
             timers: Timers::default(),
+            swap_clock: swap::SwapClock::default(),
             metrics: Metrics::default(),
             cfg,
             session_id: 0,
@@ -211,6 +214,9 @@ impl<M: GuestMemory> Runtime<M> {
             elapsed: self.started.elapsed(),
             metrics: self.metrics.clone(),
             engine: self.engine.stats().clone(),
+            session_id: self.session_id,
+            session_established: self.established,
+            tasks: self.view.tasks.len(),
         }
     }
 
@@ -219,6 +225,8 @@ impl<M: GuestMemory> Runtime<M> {
     /// survives, the new policy rebuilds its state from it, and the guest only sees a
     /// pause. Outcomes of the old policy's decisions and its timers are not passed on.
     pub fn swap_policy(&mut self, mut policy: Box<dyn Policy>) {
+        let t0 = Instant::now();
+        self.swap_begins();
         log::info!(
             "swapping policy {} -> {}",
             self.policy.name(),
@@ -235,6 +243,9 @@ impl<M: GuestMemory> Runtime<M> {
         }
         self.schedule();
         self.engine.flush();
+        self.metrics
+            .swap_stall
+            .record(t0.elapsed().as_nanos() as u64);
     }
 
     /// One iteration: poll events, update tables, expire commitments, fire timers, run
@@ -316,6 +327,8 @@ impl<M: GuestMemory> Runtime<M> {
         if self.view.now_ns == 0 {
             self.view.now_ns = monotonic_ns();
         }
+        let before = self.decisions_written();
+        let now = self.view.now_ns;
         let mut sink = dispatch::Sink {
             engine: &mut self.engine,
             commits: &mut self.commits,
@@ -326,6 +339,7 @@ impl<M: GuestMemory> Runtime<M> {
         };
         let mut d = Dispatcher::new(&mut self.view, &mut sink);
         self.policy.schedule(&mut d);
+        self.note_decisions(before, now);
         // Outcomes produced while deciding (none today) would wait for the next batch.
     }
 
@@ -342,6 +356,8 @@ impl<M: GuestMemory> Runtime<M> {
             return Err(crate::policy::Reject::StalePolicy);
         }
         self.view.now_ns = monotonic_ns();
+        let before = self.decisions_written();
+        let now = self.view.now_ns;
         let mut sink = dispatch::Sink {
             engine: &mut self.engine,
             commits: &mut self.commits,
@@ -352,6 +368,7 @@ impl<M: GuestMemory> Runtime<M> {
         };
         let r = crate::policy::DecisionSink::submit(&mut sink, &mut self.view, d);
         self.engine.flush();
+        self.note_decisions(before, now);
         r
     }
 

@@ -55,6 +55,11 @@ pub struct LoadedKernel {
     pub entry: GuestAddress,
     /// First byte past the loaded image.
     pub end: u64,
+    /// First byte past the memory the kernel uses before it reads the memory
+    /// map: `end` for an ELF (already decompressed; `_end` covers BSS and
+    /// brk), the decompression buffer's end for a bzImage (see
+    /// [`bzimage_init_end`]). The initramfs goes above this.
+    pub init_end: u64,
     /// bzImage setup header.
     pub setup_header: Option<setup_header>,
 }
@@ -175,18 +180,25 @@ pub fn load_kernel<M: GuestMemoryBackend>(
                 mode,
                 entry,
                 end: r.kernel_end,
+                init_end: r.kernel_end,
                 setup_header: None,
             })
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
                 .map_err(fmt_err)?;
+            let init_end = r
+                .setup_header
+                .map(|h| bzimage_init_end(r.kernel_load.0, &h))
+                .unwrap_or(r.kernel_end)
+                .max(r.kernel_end);
             Ok(LoadedKernel {
                 format,
                 mode: EntryMode::Linux64,
                 // startup_64 is 0x200 into the protected-mode kernel.
                 entry: GuestAddress(r.kernel_load.0 + 0x200),
                 end: r.kernel_end,
+                init_end,
                 setup_header: r.setup_header,
             })
         }
@@ -202,6 +214,25 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+/// First byte past the memory a bzImage loaded at `load_addr` needs until
+/// it reads the memory map: the boot protocol's `init_size` bytes from the
+/// kernel's runtime start, which is `pref_address` for a non-relocatable
+/// kernel and otherwise the load address rounded up to `kernel_alignment`,
+/// but not below `pref_address` (LOAD_PHYSICAL_ADDR: the decompressor's
+/// `head_64.S` never extracts lower). The decompressor copies itself to the
+/// end of this buffer and decompresses the kernel in it, so an initramfs
+/// placed only above the image's end could be overwritten.
+pub fn bzimage_init_end(load_addr: u64, h: &setup_header) -> u64 {
+    let pref = h.pref_address;
+    let align = u64::from(h.kernel_alignment).max(1);
+    let start = if h.relocatable_kernel != 0 {
+        load_addr.div_ceil(align).saturating_mul(align).max(pref)
+    } else {
+        pref.max(load_addr)
+    };
+    start.saturating_add(u64::from(h.init_size))
 }
 
 /// Chooses where the initramfs goes: page aligned at the top of RAM below the
@@ -250,7 +281,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     }
     let size = meta.len();
     let addr_max = kernel.setup_header.map(|h| u64::from(h.initrd_addr_max));
-    let addr = initrd_placement(mem_size, kernel.end, size, addr_max)?;
+    let addr = initrd_placement(mem_size, kernel.init_end, size, addr_max)?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
         .map_err(|e| io(std::io::Error::other(e.to_string())))?;
     Ok(InitrdInfo { addr, size })
@@ -290,6 +321,49 @@ pub fn write_boot_info<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use std::io::Write;
+
+    fn header(pref: u64, align: u32, relocatable: u8, init_size: u32) -> setup_header {
+        setup_header {
+            pref_address: pref,
+            kernel_alignment: align,
+            relocatable_kernel: relocatable,
+            init_size,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bzimage_init_end_covers_the_decompression_buffer() {
+        // The usual x86_64 kernel: relocatable, 2 MiB alignment, 16 MiB
+        // LOAD_PHYSICAL_ADDR; loaded at 1 MiB it runs from 16 MiB.
+        let h = header(0x100_0000, 0x20_0000, 1, 0x300_0000);
+        assert_eq!(bzimage_init_end(HIMEM_START, &h), 0x100_0000 + 0x300_0000);
+        // Loaded above pref_address: rounded up to the alignment.
+        assert_eq!(bzimage_init_end(0x210_0000, &h), 0x220_0000 + 0x300_0000);
+        // Not relocatable: always pref_address.
+        let fixed = header(0x100_0000, 0x20_0000, 0, 0x100_0000);
+        assert_eq!(bzimage_init_end(HIMEM_START, &fixed), 0x200_0000);
+        // A zero alignment does not divide by zero.
+        assert_eq!(
+            bzimage_init_end(HIMEM_START, &header(0, 0, 1, 0x1000)),
+            HIMEM_START + 0x1000
+        );
+    }
+
+    #[test]
+    fn initrd_goes_above_init_size_not_just_the_image() {
+        // A 10 MiB image at 1 MiB that needs 48 MiB from 16 MiB: an initramfs
+        // that would fit right above the image must go above 64 MiB.
+        let h = header(0x100_0000, 0x20_0000, 1, 0x300_0000);
+        let image_end = HIMEM_START + (10 << 20);
+        let init_end = bzimage_init_end(HIMEM_START, &h).max(image_end);
+        let mem = 72 << 20;
+        let size = 16 << 20;
+        assert!(initrd_placement(mem, image_end, size, None).unwrap() < init_end);
+        assert!(initrd_placement(mem, init_end, size, None).is_err());
+        let a = initrd_placement(mem, init_end, 4 << 20, None).unwrap();
+        assert!(a >= init_end);
+    }
 
     #[test]
     fn detects_formats() {

@@ -2,21 +2,21 @@
 //!
 //! A thin adapter from the transport's [`VirtioDevice`] interface to
 //! [`virtio_milk::device::MilkDevice`], the device model both MiLK transports
-//! share: the transport does registers, feature negotiation and queue set-up;
-//! at DRIVER_OK the device gets the queue addresses, the queue notification
-//! eventfds (KVM ioeventfds on QueueNotify, so a guest kick wakes the host
-//! runtime thread without a VM exit to user space) and an interrupt callback
-//! that sets InterruptStatus and writes the slot's irqfd. The runtime thread
-//! waits on the eventfds itself ([`NotificationMode::Device`]).
+//! share, reached through its one control handle
+//! ([`virtio_milk::control::MilkControl`]): the transport does registers,
+//! feature negotiation and queue set-up; at DRIVER_OK the adapter builds
+//! virtio-milk's [`virtio_milk::device::Activation`] from the queue
+//! addresses, the queue notification eventfds (KVM ioeventfds on
+//! QueueNotify, so a guest kick wakes the host runtime thread without a VM
+//! exit to user space) and an interrupt callback that sets InterruptStatus
+//! and writes the slot's irqfd. The runtime thread waits on the eventfds
+//! itself ([`NotificationMode::Device`]).
 //!
-//! Every runtime run ends in a [`Summary`] (device reset by the driver, or the
-//! device dropped when the VM ends); they are collected in the handle returned
-//! by [`MilkMmioDevice::new`].
+//! Every runtime run ends in a summary (device reset by the driver, pause,
+//! or the device dropped when the VM ends), collected by the control handle
+//! returned by [`MilkMmioDevice::new`].
 
-use std::sync::{Arc, Mutex};
-
-use virtio_milk::device::{DeviceError, MilkDevice, PolicyFactory};
-use virtio_milk::metrics::Summary;
+use virtio_milk::device::{Activation as MilkActivation, DeviceError, MilkDevice, PolicyFactory};
 use virtio_milk::queue::QueueConfig;
 use virtio_milk::runtime::RuntimeConfig;
 use virtio_queue::QueueT;
@@ -24,63 +24,49 @@ use virtio_queue::QueueT;
 use super::{ActivateError, Activation, NotificationMode, VirtioDevice};
 use crate::memory::GuestMemory;
 
-/// Summaries of the device's runtime runs, in order.
-pub type MilkSummaries = Arc<Mutex<Vec<Summary>>>;
+/// The control handle of the virtio-milk device under KVM.
+pub type MilkControl = virtio_milk::control::MilkControl<GuestMemory>;
 
 /// The virtio-milk device behind the virtio-mmio transport.
 pub struct MilkMmioDevice {
-    dev: MilkDevice<GuestMemory>,
-    summaries: MilkSummaries,
-    kicks_added: bool,
+    control: MilkControl,
 }
 
 impl MilkMmioDevice {
-    /// A device serving `num_cpus` guest CPUs with policies from `factory`;
-    /// returns the handle that collects the runtime summaries.
+    /// A device serving `num_cpus` guest CPUs with the policy `name` made by
+    /// `factory`; returns the device's control handle too.
     pub fn new(
         num_cpus: u32,
+        name: &str,
         factory: PolicyFactory,
         runtime: RuntimeConfig,
-    ) -> Result<(Self, MilkSummaries), DeviceError> {
-        let summaries = MilkSummaries::default();
+    ) -> Result<(Self, MilkControl), DeviceError> {
+        let control = MilkControl::new(MilkDevice::with_policy(num_cpus, name, factory, runtime)?);
         Ok((
             MilkMmioDevice {
-                dev: MilkDevice::new(num_cpus, factory, runtime)?,
-                summaries: summaries.clone(),
-                kicks_added: false,
+                control: control.clone(),
             },
-            summaries,
+            control,
         ))
-    }
-
-    fn stop(&mut self) {
-        match self.dev.reset() {
-            Ok(Some(s)) => self
-                .summaries
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(s),
-            Ok(None) => {}
-            Err(e) => log::error!("virtio-milk: stopping the runtime: {e}"),
-        }
     }
 }
 
 impl VirtioDevice for MilkMmioDevice {
     fn device_type(&self) -> u32 {
-        self.dev.device_id()
+        self.control.with_device(MilkDevice::device_id)
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        vec![self.dev.queue_max_size(); self.dev.num_queues()]
+        self.control
+            .with_device(|d| vec![d.queue_max_size(); d.num_queues()])
     }
 
     fn features(&self) -> u64 {
-        self.dev.device_features()
+        self.control.with_device(MilkDevice::device_features)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        self.dev.read_config(offset, data);
+        self.control.with_device(|d| d.read_config(offset, data));
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -103,38 +89,27 @@ impl VirtioDevice for MilkMmioDevice {
                 used_ring: q.used_ring(),
             });
         }
-        let mut evts = a.queue_evts.into_iter();
-        let kick = evts
-            .next()
-            .ok_or_else(|| ActivateError::BadQueues("no queues".into()))?;
-        // The transport's eventfds live as long as the slot: hand the others
-        // to the device once (they stay registered across resets).
-        if !self.kicks_added {
-            for e in evts {
-                self.dev.add_kick_fd(e);
-            }
-            self.kicks_added = true;
-        }
-        self.dev.ack_features(a.acked_features);
+        let n = queues.len();
         let irq = a.interrupt;
-        self.dev
-            .activate(
-                a.mem,
-                &queues,
-                kick,
-                Box::new(move |q: u16| irq.signal_used_queue(q)),
-            )
+        self.control
+            .activate(MilkActivation {
+                memory: a.mem,
+                features: a.acked_features,
+                queues,
+                kicks: a.queue_evts,
+                interrupt: Box::new(move |q: u16| irq.signal_used_queue(q)),
+                ring_state: None,
+            })
             .map_err(|e| ActivateError::Other(e.to_string()))?;
         log::info!(
-            "virtio-milk: runtime started ({} queues, features {:#x})",
-            queues.len(),
-            self.dev.acked_features()
+            "virtio-milk: runtime started ({n} queues, features {:#x})",
+            self.control.with_device(MilkDevice::acked_features)
         );
         Ok(())
     }
 
     fn reset(&mut self) {
-        self.stop();
+        self.control.reset();
     }
 
     fn notification_mode(&self) -> NotificationMode {
@@ -145,7 +120,7 @@ impl VirtioDevice for MilkMmioDevice {
 impl Drop for MilkMmioDevice {
     fn drop(&mut self) {
         // VM end: stop the runtime thread (GOODBYE) and keep its summary.
-        self.stop();
+        self.control.reset();
     }
 }
 
@@ -159,7 +134,7 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn fifo() -> PolicyFactory {
-        Box::new(|| milk_policies::by_name("fifo").expect("fifo policy"))
+        milk_policies::resolve("fifo").expect("fifo policy").factory
     }
 
     fn w(t: &mut MmioTransport, off: u64, v: u32) {
@@ -175,7 +150,8 @@ mod tests {
     #[test]
     fn identity_config_and_activation_through_the_transport() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        let (dev, summaries) = MilkMmioDevice::new(1, fifo(), RuntimeConfig::default()).unwrap();
+        let (dev, summaries) =
+            MilkMmioDevice::new(1, "fifo", fifo(), RuntimeConfig::default()).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
         assert_eq!(r(&mut t, reg::DEVICE_ID), 58);
@@ -206,7 +182,7 @@ mod tests {
         // Reset stops the runtime and records its summary (HELLO and GOODBYE sent).
         w(&mut t, reg::STATUS, 0);
         {
-            let s = summaries.lock().unwrap();
+            let s = summaries.summaries();
             assert_eq!(s.len(), 1);
             assert_eq!(s[0].policy, "fifo");
             assert!(s[0].metrics.session_sent >= 1, "{}", s[0]);
@@ -216,7 +192,7 @@ mod tests {
         drive_to_driver_ok(&mut t);
         assert!(t.is_activated());
         drop(t);
-        assert_eq!(summaries.lock().unwrap().len(), 2);
+        assert_eq!(summaries.summaries().len(), 2);
     }
 
     fn drive_to_driver_ok(t: &mut MmioTransport) {
@@ -239,7 +215,8 @@ mod tests {
     #[test]
     fn unready_queues_are_refused() {
         let mem = create_guest_memory(16 << 20).unwrap();
-        let (dev, summaries) = MilkMmioDevice::new(2, fifo(), RuntimeConfig::default()).unwrap();
+        let (dev, summaries) =
+            MilkMmioDevice::new(2, "fifo", fifo(), RuntimeConfig::default()).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
         let mut t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
         assert_eq!(t.queue_evts().len(), 4);
@@ -248,6 +225,6 @@ mod tests {
         assert!(!t.is_activated());
         assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
         drop(t);
-        assert!(summaries.lock().unwrap().is_empty(), "no runtime ran");
+        assert!(summaries.summaries().is_empty(), "no runtime ran");
     }
 }

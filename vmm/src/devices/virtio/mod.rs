@@ -12,6 +12,7 @@
 //! on the eventfds in the [`Activation`] from its own threads (e.g. a polling
 //! scheduler channel).
 
+#[cfg(any(test, feature = "test-devices"))]
 pub mod echo;
 pub mod milk;
 pub mod mmio;
