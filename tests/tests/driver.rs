@@ -104,7 +104,6 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     )
     .expect("device");
     let backend = MilkBackend::new(dev);
-    let control = backend.control();
     let mut info = backend.device_info();
     // struct virtio_milk_config: __le16 version at offset 4. The driver is
     // built from the same header as the host: the device now claims the
@@ -123,8 +122,8 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     t.qemu_args().apply(&mut spec);
     let handle = t.spawn().expect("transport thread");
     let out = milk_harness::run_qemu(&spec, &mut |l| println!("guest| {l}")).expect("guest ran");
-    let _t = handle.stop().expect("transport stopped");
-    let summaries = control.summaries();
+    let mut t = handle.stop().expect("transport stopped");
+    let summaries = t.device_mut().backend_mut().control().summaries();
 
     assert_eq!(out.result.map(|r| r.status), Some(0));
     let refusals: Vec<&String> = out
@@ -275,5 +274,152 @@ fn decision_interrupts_are_affine_to_their_cpu() {
         // At most the first interrupt after the affinity change lands on the
         // old CPU (x86 moves an MSI at its next interrupt).
         assert!(other <= 1 + mine / 100, "decisions.{cpu}: {f:?}");
+    }
+}
+
+/// One boot of the benchmark: in-guest milk-work wall times (ms), and the
+/// deltas of rescheduling IPIs and decision interrupts over the workloads.
+struct BenchBoot {
+    elapsed_ms: Vec<u64>,
+    ipis: u64,
+    driver: HashMap<String, u64>,
+}
+
+/// Sums the per-CPU columns of a `/proc/interrupts` line printed after `tag`.
+fn irq_sum(console: &[String], tag: &str) -> u64 {
+    console
+        .iter()
+        .filter_map(|l| l.strip_prefix(tag))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .take(CPUS as usize)
+                .filter_map(|w| w.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .next()
+        .unwrap_or_else(|| panic!("no {tag} line"))
+}
+
+fn bench_boot(milk: Option<&str>, reps: usize) -> BenchBoot {
+    let work = (0..reps)
+        .map(|_| "milk-work -t 64 -r 20;")
+        .collect::<String>();
+    let script = format!(
+        "{}echo MILKR0 $(grep RES: /proc/interrupts);{work}echo MILKR1 $(grep RES: /proc/interrupts);\
+         {PRINT_DRIVER}exit 0",
+        if milk.is_some() { WAIT_ENABLED } else { "" }
+    );
+    let mut spec = guest_spec(&script);
+    if let Some(params) = milk {
+        spec.cmdline = format!("{params} {}", spec.cmdline);
+    }
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let console = match milk {
+        Some(_) => {
+            run_milk_guest(&MilkGuestConfig::new(spec, "fifo"), &mut |_, _| {})
+                .expect("guest ran")
+                .outcome
+                .console
+        }
+        None => {
+            milk_harness::run_qemu(&spec, &mut |_| {})
+                .expect("guest ran")
+                .console
+        }
+    };
+    let elapsed_ms: Vec<u64> = console
+        .iter()
+        .filter(|l| l.starts_with("milk-work: threads="))
+        .map(|l| num(&fields(l), "elapsed_ms"))
+        .collect();
+    assert_eq!(elapsed_ms.len(), reps, "workload lines: {console:?}");
+    let ipis = irq_sum(&console, "MILKR1 ") - irq_sum(&console, "MILKR0 ");
+    let driver = console
+        .iter()
+        .filter_map(|l| l.strip_prefix("MILKD "))
+        .filter_map(|w| w.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
+        .collect();
+    BenchBoot {
+        elapsed_ms,
+        ipis,
+        driver,
+    }
+}
+
+fn median(v: &mut [u64]) -> u64 {
+    v.sort_unstable();
+    v[v.len() / 2]
+}
+
+/// Interleaved boots of CFS, milk (fifo, driver defaults: batching and IRQ
+/// affinity) and milk with both off (`virtio_milk.max_batch=1
+/// virtio_milk.irq_affinity=0`), `milk-work -t 64 -r 20` three times per
+/// boot. Prints medians, records per buffer, decision interrupts per
+/// decision and rescheduling IPIs per decision.
+#[test]
+#[ignore = "benchmark: cargo test -p milk-tests --test driver bench -- --ignored --nocapture"]
+fn bench_driver_batching_and_affinity_vs_cfs() {
+    let rounds: usize = std::env::var("MILK_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let configs: [(&str, Option<&str>); 3] = [
+        ("cfs", None),
+        ("milk", Some("")),
+        (
+            "milk-nobatch-noaff",
+            Some("virtio_milk.max_batch=1 virtio_milk.irq_affinity=0"),
+        ),
+    ];
+    let mut results: Vec<Vec<BenchBoot>> = configs.iter().map(|_| Vec::new()).collect();
+    for round in 0..rounds {
+        for (i, (name, params)) in configs.iter().enumerate() {
+            let b = bench_boot(*params, 3);
+            println!(
+                "round {round} {name}: elapsed_ms {:?} ipis {} driver {:?}",
+                b.elapsed_ms, b.ipis, b.driver
+            );
+            results[i].push(b);
+        }
+    }
+    let cfs = median(
+        &mut results[0]
+            .iter()
+            .flat_map(|b| b.elapsed_ms.clone())
+            .collect::<Vec<_>>(),
+    );
+    for (i, (name, _)) in configs.iter().enumerate() {
+        let mut all: Vec<u64> = results[i]
+            .iter()
+            .flat_map(|b| b.elapsed_ms.clone())
+            .collect();
+        let (lo, hi) = (
+            *all.iter().min().unwrap_or(&0),
+            *all.iter().max().unwrap_or(&0),
+        );
+        let med = median(&mut all);
+        let sum = |k: &str| -> u64 {
+            results[i]
+                .iter()
+                .map(|b| b.driver.get(k).copied().unwrap_or(0))
+                .sum()
+        };
+        let ipis: u64 = results[i].iter().map(|b| b.ipis).sum();
+        let decisions = sum("decision_records");
+        let per = |n: u64, d: u64| if d == 0 { 0.0 } else { n as f64 / d as f64 };
+        println!(
+            "{name:20} milk-work median {med} ms (min {lo}, max {hi}, n={}), {:.2}x CFS; \
+             records/buffer {:.2}, kicks/buffer {:.3}, decision irqs/decision {:.3}, \
+             RES IPIs/decision {:.3} (RES IPIs per boot {})",
+            all.len(),
+            med as f64 / cfs as f64,
+            per(sum("event_records"), sum("event_buffers")),
+            per(sum("event_kicks"), sum("event_buffers")),
+            per(sum("decision_irqs"), decisions),
+            per(ipis, decisions),
+            ipis / results[i].len() as u64,
+        );
     }
 }
