@@ -35,6 +35,9 @@ pub enum LaunchError {
     /// QEMU failed or could not start.
     #[error("QEMU engine: {0}")]
     Qemu(#[from] milk_harness::HarnessError),
+    /// The out-of-process policy (`--policy-socket`) is unreachable or unusable.
+    #[error("policy daemon: {0}")]
+    PolicyDaemon(#[from] milk_policy_daemon::frontend::FrontendError),
     /// The virtio-milk host side under QEMU failed.
     #[error("QEMU engine with virtio-milk: {0}")]
     Milk(milk_ivshmem::session::SessionError),
@@ -59,7 +62,7 @@ impl LaunchError {
         use milk_harness::HarnessError as H;
         match self {
             LaunchError::InvalidConfig(_) => exit_code::USAGE,
-            LaunchError::KvmUnavailable(_) => exit_code::UNAVAILABLE,
+            LaunchError::KvmUnavailable(_) | LaunchError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
             LaunchError::Milk(_) => exit_code::SOFTWARE,
             LaunchError::Qemu(h) => match h {
                 H::QemuMissing => exit_code::UNAVAILABLE,

@@ -13,8 +13,10 @@ pub mod engine;
 pub mod error;
 pub mod qemu;
 pub mod run;
+pub mod vhost_user;
 
 pub use engine::{choose_engine, detect_kvm, detect_kvm_at, Engine, EngineChoice, KvmSupport};
 pub use error::{exit_code, LaunchError};
 pub use qemu::{run_qemu, GuestConfig, OnStart, StopFn, QEMU_MILK_MAX_MEMORY_MIB};
 pub use run::{End, Run};
+pub use vhost_user::{run_qemu_vhost_user, OnVhostStart};

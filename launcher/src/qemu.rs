@@ -64,13 +64,13 @@ pub fn check_policy(policy: &str) -> Result<(), LaunchError> {
 }
 
 /// QEMU writes its pid here (`-pidfile`), so `stop` can end it with SIGTERM.
-struct PidFile {
+pub(crate) struct PidFile {
     path: PathBuf,
     stopped: Arc<AtomicBool>,
 }
 
 impl PidFile {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         static SEQ: AtomicUsize = AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         PidFile {
@@ -80,12 +80,12 @@ impl PidFile {
         }
     }
 
-    fn apply(&self, spec: &mut milk_harness::GuestSpec) {
+    pub(crate) fn apply(&self, spec: &mut milk_harness::GuestSpec) {
         spec.extra_args
             .extend(["-pidfile".into(), self.path.display().to_string()]);
     }
 
-    fn stopper(&self) -> StopFn {
+    pub(crate) fn stopper(&self) -> StopFn {
         let path = self.path.clone();
         let stopped = self.stopped.clone();
         Box::new(move || {
@@ -108,7 +108,7 @@ impl PidFile {
         })
     }
 
-    fn stopped(&self) -> bool {
+    pub(crate) fn stopped(&self) -> bool {
         self.stopped.load(Ordering::Acquire)
     }
 }
@@ -119,7 +119,7 @@ impl Drop for PidFile {
     }
 }
 
-fn harness_spec(config: &GuestConfig) -> milk_harness::GuestSpec {
+pub(crate) fn harness_spec(config: &GuestConfig) -> milk_harness::GuestSpec {
     let mut spec = milk_harness::GuestSpec::new(&config.kernel);
     spec.initrd = config.initrd.clone();
     spec.cmdline = config.cmdline.clone();
@@ -131,7 +131,7 @@ fn harness_spec(config: &GuestConfig) -> milk_harness::GuestSpec {
     spec
 }
 
-fn end_of(result: Option<i32>, stopped: bool, qemu_status: Option<i32>) -> End {
+pub(crate) fn end_of(result: Option<i32>, stopped: bool, qemu_status: Option<i32>) -> End {
     match (result, stopped) {
         (Some(s), _) => End::Result(s),
         (None, true) => End::Stopped,

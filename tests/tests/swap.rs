@@ -96,7 +96,21 @@ fn swapper(sock: std::path::PathBuf, ctl: GuestControl, done: Arc<AtomicBool>) -
 #[test]
 fn twenty_in_process_swaps_during_a_workload() {
     let _ = env_logger::builder().is_test(true).try_init();
-    let g = milk_tests::guest();
+    // The project's guest, or MILK_VMLINUX / MILK_INITRAMFS (e.g. a kernel under test).
+    let (kernel, initrd) = match (
+        std::env::var_os("MILK_VMLINUX"),
+        std::env::var_os("MILK_INITRAMFS"),
+    ) {
+        (Some(k), i) => (
+            k.into(),
+            i.map(Into::into)
+                .unwrap_or_else(|| milk_images::ensure_initramfs().expect("initramfs builds")),
+        ),
+        (None, _) => {
+            let g = milk_tests::guest();
+            (g.kernel.vmlinux, g.initrd)
+        }
+    };
     let script = format!(
         "mkfifo /tmp/q;echo 5000 > /sys/kernel/milk/host_timeout_ms;i=0;while [ $(cat /sys/kernel/milk/state) != enabled ]&&[ $i -lt 200 ];\
          do usleep 50000;i=$((i+1));done;\
@@ -108,8 +122,8 @@ fn twenty_in_process_swaps_during_a_workload() {
          do echo MILKC $c=$(cat /sys/kernel/milk/$c);done;usleep 500000;{COUNT_TASKS}exit $r"
     );
     assert!(!script.contains('"'));
-    let mut spec = GuestSpec::new(&g.kernel.vmlinux);
-    spec.initrd = Some(g.initrd.clone());
+    let mut spec = GuestSpec::new(&kernel);
+    spec.initrd = Some(initrd);
     spec.cpus = 2;
     spec.timeout = Duration::from_secs(400);
     spec.cmdline = format!("milk.run=\"{script}\"");

@@ -213,7 +213,14 @@ fn runs(msgs: &[Message]) -> Vec<DecisionInfo> {
 fn stall_blackout_gap_and_the_old_policys_last_run() {
     let (mut g, mut rt) = setup();
     rt.start_session();
-    g.send(0, &[task_new(1, 0b01), task_new(2, 0b10), ev(TaskEventKind::Wakeup, 1, 2)]);
+    g.send(
+        0,
+        &[
+            task_new(1, 0b01),
+            task_new(2, 0b10),
+            ev(TaskEventKind::Wakeup, 1, 2),
+        ],
+    );
     rt.step();
     let before = runs(&g.recv(0));
     assert_eq!(before.len(), 1);
@@ -228,7 +235,11 @@ fn stall_blackout_gap_and_the_old_policys_last_run() {
         Some(RawDecision::run(gt(1), 0, 2)),
         "the old policy's RUN, kept for late-replay tests"
     );
-    assert_eq!(m.swap_blackout.count(), 0, "the new policy has not decided yet");
+    assert_eq!(
+        m.swap_blackout.count(),
+        0,
+        "the new policy has not decided yet"
+    );
     assert_eq!(m.decision_gap.count(), 0);
 
     // The old policy's RUN is acked after the swap: applied once, not shown to the new one.
@@ -262,7 +273,10 @@ fn twenty_swaps_keep_the_task_table_and_the_session() {
     let (mut g, mut rt) = setup();
     rt.start_session();
     let session = rt.session_id();
-    g.send(0, &[task_new(1, 0b11), task_new(2, 0b11), task_new(3, 0b11)]);
+    g.send(
+        0,
+        &[task_new(1, 0b11), task_new(2, 0b11), task_new(3, 0b11)],
+    );
     rt.step();
     let names = ["a", "b"];
     let mut seq = [1u64; 4];
@@ -278,7 +292,10 @@ fn twenty_swaps_keep_the_task_table_and_the_session() {
             for r in runs(&g.recv(cpu)) {
                 let p = r.gtid.pid() as usize;
                 seq[p] += 1;
-                g.send(0, &[ack(&r), ev(TaskEventKind::Blocked, r.gtid.pid(), seq[p])]);
+                g.send(
+                    0,
+                    &[ack(&r), ev(TaskEventKind::Blocked, r.gtid.pid(), seq[p])],
+                );
                 rt.step();
             }
         }

@@ -92,6 +92,9 @@ pub enum VmmError {
     /// The virtio-milk device under KVM failed.
     #[error("virtio-milk device: {0}")]
     MilkDevice(#[from] virtio_milk::device::DeviceError),
+    /// The out-of-process policy (--policy-socket) is unreachable or unusable.
+    #[error("policy daemon: {0}")]
+    PolicyDaemon(#[from] crate::devices::virtio::vhost_user::VhostUserDeviceError),
 }
 
 impl VmmError {
@@ -116,9 +119,9 @@ impl VmmError {
                 exit_code::NO_INPUT
             }
             VmmError::Boot(_) => exit_code::DATA,
-            VmmError::KvmUnavailable(_) | VmmError::MissingCapabilities(_) => {
-                exit_code::UNAVAILABLE
-            }
+            VmmError::KvmUnavailable(_)
+            | VmmError::MissingCapabilities(_)
+            | VmmError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
             VmmError::SerialLog { .. } => exit_code::CANT_CREATE,
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE

@@ -4,7 +4,7 @@
 //! VMM (this package's library), the control socket (`milk-control`), and one outcome
 //! ([`milk_launcher::Run`]) whatever ran the guest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use milk_control::{ControlServer, VmControl};
 use milk_launcher::{choose_engine, detect_kvm, End, Engine, EngineChoice, Run, StopFn};
+use milk_policy_daemon::frontend::FrontendSlot;
+use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
 use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
 use virtio_milk::control::PolicyControl;
 
@@ -30,7 +32,7 @@ Examples:
 
   # With a control socket; from another shell swap the policy live.
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
-  milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
+  milkctl --api-sock /tmp/milk.sock swap rr
 
 Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
@@ -80,6 +82,13 @@ struct Cli {
     /// /run/milk/milk-vmm-<pid>.sock; the path is printed at start.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Out-of-process policy: attach the virtio-milk device and hand its queues to the
+    /// `milk-policy` daemon listening on this vhost-user socket (both engines; see
+    /// docs/vhost-user.md). A daemon that dies is noticed, the guest falls back to CFS,
+    /// and a daemon started again on the same path is reconnected; `milkctl swap --socket
+    /// NEW` hands the queues to another daemon.
+    #[arg(long, value_name = "PATH", conflicts_with = "policy")]
+    policy_socket: Option<PathBuf>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -131,17 +140,40 @@ impl Api {
         self.vm = Some(vm);
         Ok(())
     }
+
+    /// Lets `milkctl swap --socket` reach the vhost-user frontend.
+    fn set_remote(&self, slot: FrontendSlot) {
+        if let Some(vm) = &self.vm {
+            vm.set_remote_swap(Arc::new(SocketSwap(slot)));
+        }
+    }
 }
+
+type NewVm = (Vm, Option<MilkControl>, Option<FrontendSlot>);
 
 fn new_vm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
-) -> Result<(Vm, Option<MilkControl>), milk_vmm::VmmError> {
+    policy_socket: Option<&Path>,
+) -> Result<NewVm, milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
-        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+        #[cfg(feature = "test-devices")]
+        {
+            let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+            vm.add_virtio_device(Box::new(dev))?;
+        }
+        #[cfg(not(feature = "test-devices"))]
+        return Err(milk_vmm::VmmError::InvalidConfig(
+            "--echo-device needs milk-vmm built with the test-devices feature".into(),
+        ));
+    }
+    let mut slot = None;
+    if let Some(path) = policy_socket {
+        let dev = VhostUserMilkDevice::new(path, cpus)?;
+        slot = Some(dev.handle());
         vm.add_virtio_device(Box::new(dev))?;
     }
     let mut control = None;
@@ -157,13 +189,19 @@ fn new_vm(
         vm.add_virtio_device(Box::new(dev))?;
         control = Some(c);
     }
-    Ok((vm, control))
+    Ok((vm, control, slot))
 }
 
 type MilkControl = milk_vmm::devices::virtio::milk::MilkControl;
 
-fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>, api: &mut Api) -> i32 {
-    let (mut vm, control) = match new_vm(config, echo_device, policy) {
+fn run_kvm(
+    config: VmConfig,
+    echo_device: bool,
+    policy: Option<&str>,
+    policy_socket: Option<&Path>,
+    api: &mut Api,
+) -> i32 {
+    let (mut vm, control, slot) = match new_vm(config, echo_device, policy, policy_socket) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
@@ -190,6 +228,9 @@ fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>, api: &mut 
     if let Err(e) = api.open("kvm", device, stop) {
         eprintln!("milk-vmm: {e}");
         return exit_code::USAGE;
+    }
+    if let Some(s) = slot {
+        api.set_remote(s);
     }
     let result = vm.run();
     // The VM and its devices are gone: every runtime summary is in.
@@ -297,7 +338,13 @@ fn run(cli: Cli) -> i32 {
         vm: None,
     };
     if engine == Engine::Kvm {
-        return run_kvm(config, cli.echo_device, cli.policy.as_deref(), &mut api);
+        return run_kvm(
+            config,
+            cli.echo_device,
+            cli.policy.as_deref(),
+            cli.policy_socket.as_deref(),
+            &mut api,
+        );
     }
     let guest = milk_launcher::GuestConfig {
         kernel: config.kernel.clone(),
@@ -310,6 +357,20 @@ fn run(cli: Cli) -> i32 {
         timeout: config.timeout,
         policy: cli.policy.clone(),
     };
+    if let Some(sock) = &cli.policy_socket {
+        let mut on_start = |slot: FrontendSlot, stop: StopFn| {
+            api.open("qemu", None, stop)?;
+            api.set_remote(slot);
+            Ok(())
+        };
+        return match milk_launcher::run_qemu_vhost_user(&guest, sock, &mut on_start) {
+            Ok(run) => run.report(),
+            Err(e) => {
+                eprintln!("milk-vmm: {e}");
+                e.exit_code()
+            }
+        };
+    }
     let mut on_start =
         |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
     match milk_launcher::run_qemu(&guest, &mut on_start) {

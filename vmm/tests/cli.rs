@@ -247,7 +247,7 @@ fn invalid_cmdline_and_policy() {
         expect_error(
             &["--kernel", k, "--engine", engine, "--policy", "../evil"],
             64,
-            "--policy: unknown policy \"../evil\" (known: fifo, rr)",
+            "unknown --policy \"../evil\" (known: fifo, rr)",
             dir.path(),
         );
     }

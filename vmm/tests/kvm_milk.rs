@@ -47,7 +47,7 @@ fn cli_kvm_policy_fifo_round_trip() {
     // Guest side.
     assert!(stdout.contains("virtio-milk device"), "{stdout}");
     assert!(
-        stdout.contains("milk: config num_cpus=1 version=1 record_size=64"),
+        stdout.contains("milk: config num_cpus=1 version=2 record_size=64"),
         "{stdout}"
     );
     assert!(stdout.contains("milk: host HELLO, policy fifo"), "{stdout}");

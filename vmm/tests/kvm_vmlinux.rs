@@ -248,3 +248,49 @@ fn same_command_runs_the_real_guest_to_its_result_line() {
         }
     }
 }
+
+/// The initramfs goes above the bzImage's decompression buffer (its
+/// runtime start + `init_size`), not just above the image: the loader
+/// decides before the guest runs, so this holds on any `/dev/kvm`.
+#[test]
+fn bzimage_initramfs_is_placed_above_init_size() {
+    let _one = serialize();
+    let (_, bzimage) = kernels();
+    let head = std::fs::read(&bzimage).unwrap();
+    let u32_at = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap());
+    let pref = u64::from_le_bytes(head[0x258..0x260].try_into().unwrap());
+    let init_end = pref + u64::from(u32_at(0x260));
+    let image_end = (1 << 20) + head.len() as u64;
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("initrd");
+    // Fits between the image and the top of RAM, not above init_end.
+    let mem_mib = init_end.div_ceil(1 << 20) + 8;
+    let size = (mem_mib << 20) - init_end + (1 << 20);
+    assert!(
+        size < (mem_mib << 20) - image_end,
+        "the old rule would accept it"
+    );
+    std::fs::File::create(&big).unwrap().set_len(size).unwrap();
+    let run = |mem: u64, timeout: &str| {
+        Command::new(BIN)
+            .args(["--kernel", bzimage.to_str().unwrap(), "--engine", "kvm"])
+            .args(["--initrd", big.to_str().unwrap(), "--quiet"])
+            .args(["--memory", &mem.to_string(), "--timeout", timeout])
+            .output()
+            .unwrap()
+    };
+    let out = run(mem_mib, "30");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{stderr}");
+    assert!(stderr.contains("does not fit in guest memory"), "{stderr}");
+    // With room above init_end the same initramfs is accepted and the guest
+    // starts (then ends at the timeout, or without a result line).
+    let out = run(mem_mib + (size >> 20) + 2, "2");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("does not fit"), "{stderr}");
+    assert!(
+        matches!(out.status.code(), Some(124 | 80 | 71)),
+        "{:?}: {stderr}",
+        out.status
+    );
+}

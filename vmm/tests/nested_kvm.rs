@@ -9,7 +9,7 @@
 //!   applied decisions >= the workload's wakeups, zero protocol errors; the
 //!   fidelity counters are printed;
 //! - `host_runtime_stopped_mid_workload_guest_falls_back_within_1s`:
-//!   `milkctl stop` while the workload runs; the guest is on CFS within 1 s
+//!   `milkctl pause` while the workload runs; the guest is on CFS within 1 s
 //!   (guest clock, milk-mon) and the workload completes;
 //! - `bad_input_gets_the_clear_errors_of_the_cli`: missing, corrupt and
 //!   oversized inputs and bad arguments get the exit codes and one-line
@@ -203,11 +203,9 @@ fn uptime_ms(stdout: &[String], what: &str) -> Option<u64> {
 #[test]
 fn host_runtime_stopped_mid_workload_guest_falls_back_within_1s() {
     let g = real_kvm::guest();
+    real_kvm::ensure_milkctl();
     let mut r = real_kvm::runner();
-    assert!(
-        r.bins.milkctl.is_some(),
-        "milkctl (the control-socket client) must be built beside milk-vmm"
-    );
+    assert!(r.bins.milkctl.is_some(), "milkctl beside milk-vmm");
     let (kernel, initrd) = (r.file(&g.bzimage), r.file(&g.initrd));
     let guest = format!(
         "{WAIT_ENABLED}W;milk-mon -i 10 & milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
@@ -242,7 +240,7 @@ fn host_runtime_stopped_mid_workload_guest_falls_back_within_1s() {
     })
     .collect();
     // milk-vmm's stdout goes through a reader that stops the host runtime
-    // (milkctl stop) when the workload starts, and stamps that and the
+    // (`milkctl pause`: GOODBYE, the VM keeps running) when the workload starts, and stamps that and the
     // guest's first "scx=disabled" sample with the L1 clock.
     let script = format!(
         "set -o pipefail; S=$(mktemp -u /tmp/milk-api-XXXXXX); {} | {{ \
@@ -251,7 +249,7 @@ fn host_runtime_stopped_mid_workload_guest_falls_back_within_1s() {
              case \"$l\" in \
                'milk-work: start'*) if [ -z \"$stopped\" ]; then stopped=1; \
                   read t x </proc/uptime; echo \"NESTED-STOP uptime=$t\"; \
-                  milkctl --api-sock \"$S\" stop >&2 & fi;; \
+                  milkctl --api-sock \"$S\" pause >&2 & fi;; \
                *'milk-mon: '*'scx=disabled'*) if [ -n \"$stopped\" ] && [ -z \"$seen\" ]; then seen=1; \
                   read t x </proc/uptime; echo \"NESTED-DISABLED uptime=$t\"; fi;; \
              esac; \
@@ -326,9 +324,11 @@ fn bad_input_gets_the_clear_errors_of_the_cli() {
             64,
             "exceeds the host",
         ),
+        // 24 MiB in 40 MiB would fit above the 2.5 MB bzImage, but not above
+        // its decompression buffer (pref_address 16 MiB + init_size 16 MiB).
         (
             vec![
-                "--kernel", k, "--initrd", &big, "--memory", "16", "--engine", "kvm",
+                "--kernel", k, "--initrd", &big, "--memory", "40", "--engine", "kvm",
             ],
             65,
             "does not fit in guest memory",
@@ -364,6 +364,122 @@ fn bad_input_gets_the_clear_errors_of_the_cli() {
         assert!(
             !s.stdout_text().contains("Linux version"),
             "no guest started: {c}"
+        );
+    }
+}
+
+/// Percentile line of the summary: `<label>: p50 X unit p99 Y unit`.
+fn percentiles(sum: &str, label: &str) -> String {
+    sum.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .map(|l| l.trim().to_string())
+        .unwrap_or_else(|| format!("{label} (none)"))
+}
+
+/// The numbers of docs/benchmarks.md "Nested KVM": boot-to-init of the four
+/// boot flavours and the fifo policy's fidelity and latency for the busy
+/// and light workloads of the ivshmem benchmark, `MILK_BENCH_RUNS` runs
+/// each (default 3), all in one L1 boot. Run with
+/// `cargo test --release -p milk-vmm --test nested_kvm bench -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark: several minutes of nested TCG; numbers go to docs/benchmarks.md"]
+fn bench_nested_boot_and_fifo_fidelity() {
+    let runs: usize = std::env::var("MILK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let g = real_kvm::guest();
+    let mut r = real_kvm::runner();
+    let (vmlinux, bzimage, initrd) = (r.file(&g.vmlinux), r.file(&g.bzimage), r.file(&g.initrd));
+    let mut rows = Vec::new();
+    for (name, kernel, cpus) in [
+        ("vmlinux PVH", &vmlinux, "1"),
+        ("vmlinux PVH", &vmlinux, "2"),
+        ("bzImage", &bzimage, "1"),
+        ("bzImage", &bzimage, "2"),
+    ] {
+        r.vmm_step(&args(&[
+            "--kernel",
+            kernel,
+            "--initrd",
+            &initrd,
+            "--engine",
+            "kvm",
+            "--cpus",
+            cpus,
+            "--cmdline",
+            "milk.run=\"exit 0\"",
+        ]))
+        .unwrap();
+        rows.push(format!("boot {name} {cpus} vCPU"));
+    }
+    for (name, work) in [
+        ("busy", "milk-work -t 64 -r 20 -w 20000 -s 2000"),
+        ("light", "milk-work -t 4 -r 200 -w 2000 -s 5000"),
+    ] {
+        let script = format!(
+            "{WAIT_ENABLED}W;M=/sys/kernel/milk;a=$(cat $M/decisions_applied);f=$(cat $M/local_fallbacks);\
+             {work};r=$?;echo BENCH applied=$(($(cat $M/decisions_applied)-a)) \
+             fallbacks=$(($(cat $M/local_fallbacks)-f));exit $r"
+        );
+        for _ in 0..runs {
+            r.vmm_step(&args(&[
+                "--kernel",
+                &bzimage,
+                "--initrd",
+                &initrd,
+                "--engine",
+                "kvm",
+                "--cpus",
+                "2",
+                "--policy",
+                "fifo",
+                "--cmdline",
+                &guest_cmdline(&script),
+            ]))
+            .unwrap();
+            rows.push(format!("fifo {name}"));
+        }
+    }
+    let out = real_kvm::run(&r, Duration::from_secs(3000));
+    println!(
+        "\nL1 to /init: {:.1} s; mode {:?}\n",
+        out.to_l1_init.unwrap_or_default().as_secs_f64(),
+        r.mode
+    );
+    println!("| run | status | start -> guest /init s | run s | wakeups | applied | fallbacks (guest) | RUN | OK | STALE | ev->dec | dec->ack |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (s, row) in out.steps.iter().zip(&rows) {
+        let stdout = s.stdout_text();
+        let (mut wake, mut applied, mut fb) = (String::new(), String::new(), String::new());
+        if let Some(w) = work_results(&s.stdout).first() {
+            wake = w.get("wakeups").cloned().unwrap_or_default();
+        }
+        if let Some(l) = s.stdout.iter().find(|l| l.starts_with("BENCH ")) {
+            let f = fields(l);
+            applied = f.get("applied").cloned().unwrap_or_default();
+            fb = f.get("fallbacks").cloned().unwrap_or_default();
+        }
+        let (mut runs_, mut ok, mut stale, mut ev, mut ack) = Default::default();
+        if let Some(at) = stdout.find("virtio-milk summary: policy fifo") {
+            let sum = &stdout[at..];
+            runs_ = number_after(sum, "(RUN ")
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            ok = number_after(sum, "acks: OK ")
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            stale = number_after(sum, "STALE ")
+                .map(|n| n.to_string())
+                .unwrap_or_default();
+            ev = percentiles(sum, "event->decision:");
+            ack = percentiles(sum, "decision->applied ack:");
+        }
+        println!(
+            "| {row} | {:?} | {:.2} | {:.1} | {wake} | {applied} | {fb} | {runs_} | {ok} | {stale} | {ev} | {ack} |",
+            s.status,
+            s.to_guest_init.unwrap_or_default().as_secs_f64(),
+            s.elapsed.as_secs_f64(),
         );
     }
 }

@@ -14,6 +14,7 @@ pub mod acks;
 mod cpus;
 mod dispatch;
 mod handle;
+mod handover;
 mod inject;
 mod session;
 mod swap;
@@ -32,6 +33,7 @@ use crate::protocol::{Message, BYE_RESYNC, BYE_STOP, DEFAULT_HEARTBEAT_MS};
 use crate::queue::QueueEngine;
 
 pub use handle::{Control, RuntimeHandle};
+pub use handover::SessionState;
 pub use inject::{RawDecision, RawKind, INJECTED_COOKIE, UNKNOWN_GENERATION};
 
 use acks::Commitments;
@@ -79,7 +81,7 @@ impl Default for RuntimeConfig {
             hello_on_start: true,
             goodbye_on_stop: true,
             ack_timeout: Duration::from_millis(3 * u64::from(DEFAULT_HEARTBEAT_MS)),
-            ack_grace: Duration::from_millis(20),
+            ack_grace: Duration::from_millis(u64::from(DEFAULT_HEARTBEAT_MS)),
             max_staged: 2,
         }
     }
@@ -252,6 +254,13 @@ impl<M: GuestMemory> Runtime<M> {
     /// the policy, write decisions. Returns the number of event chains consumed plus
     /// timers fired.
     pub fn step(&mut self) -> usize {
+        self.step_with(true)
+    }
+
+    /// [`Self::step`]; with `idle_deadlines` false a step that finds no event skips the
+    /// timer and commitment checks (the loop does them on every 32nd idle poll: the clock
+    /// read is the most expensive part of an idle poll).
+    fn step_with(&mut self, idle_deadlines: bool) -> usize {
         let mut msgs = std::mem::take(&mut self.msgs);
         let chains = self.engine.poll_events(&mut msgs);
         let mut work = chains;
@@ -265,7 +274,7 @@ impl<M: GuestMemory> Runtime<M> {
             self.check_version();
         }
         self.msgs = msgs;
-        if !self.timers.is_empty() || !self.commits.is_empty() {
+        if chains > 0 || idle_deadlines && (!self.timers.is_empty() || !self.commits.is_empty()) {
             if now == 0 {
                 now = monotonic_ns();
                 self.view.now_ns = now;
@@ -440,15 +449,17 @@ impl<M: GuestMemory> Runtime<M> {
                 }
                 self.maybe_heartbeat(now);
             }
-            let n = self.step();
+            let n = self.step_with(iter.is_multiple_of(32));
+            let Some(budget) = self.cfg.spin_budget else {
+                // Pure polling: never sleeps, so no clock read per step.
+                std::hint::spin_loop();
+                continue;
+            };
             if n > 0 {
                 last_work = Instant::now();
                 continue;
             }
-            let keep_spinning = match self.cfg.spin_budget {
-                None => true,
-                Some(b) => !iter.is_multiple_of(64) || last_work.elapsed() < b,
-            };
+            let keep_spinning = !iter.is_multiple_of(64) || last_work.elapsed() < budget;
             if keep_spinning {
                 std::hint::spin_loop();
                 continue;

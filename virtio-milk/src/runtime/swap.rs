@@ -35,9 +35,7 @@ impl<M: GuestMemory> Runtime<M> {
         }
         let clock = &mut self.swap_clock;
         if let Some(from) = clock.blackout_from.take() {
-            self.metrics
-                .swap_blackout
-                .record(now.saturating_sub(from));
+            self.metrics.swap_blackout.record(now.saturating_sub(from));
         } else if clock.last_decision_ns != 0 {
             self.metrics
                 .decision_gap

@@ -49,6 +49,25 @@ pub fn runner() -> Runner {
     Runner::new(mode_for_host(), Binaries::beside(BIN))
 }
 
+/// Builds milkctl (package milk-control) beside milk-vmm unless it is there
+/// (`cargo test --workspace` builds it; `cargo test -p milk-vmm` does not).
+pub fn ensure_milkctl() {
+    if Binaries::beside(BIN).milkctl.is_some() {
+        return;
+    }
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = std::process::Command::new(cargo)
+        .args(["build", "-q", "-p", "milk-control", "--bin", "milkctl"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build for milkctl");
+    assert!(st.success(), "building milkctl failed");
+    assert!(
+        Binaries::beside(BIN).milkctl.is_some(),
+        "milkctl not beside {BIN} after building it"
+    );
+}
+
 /// One L1 (two TCG threads: both host cores) at a time in a test binary.
 static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
 

@@ -519,7 +519,7 @@ impl<B: Backend> Drop for Device<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{EchoBackend, EchoEvent, EchoLog};
+    use crate::echo::{EchoBackend, EchoEvent, EchoLog};
     use crate::shm::{SharedMem, SHM_SIZE};
     use std::sync::Arc;
     use std::time::Duration;

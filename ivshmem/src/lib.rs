@@ -13,8 +13,8 @@
 //!   queue validation, activation, DEVICE_NEEDS_RESET);
 //! - [`guest_ram`]: guest RAM mapped from QEMU's `memory-backend-file`, as a
 //!   vm-memory `GuestMemoryMmap`, where the vrings live;
-//! - [`backend`]: the [`Backend`] trait a device implementation (virtio-milk's
-//!   queue engine) implements, and [`EchoBackend`] for tests;
+//! - [`backend`]: the [`Backend`] trait a device implementation (virtio-milk)
+//!   implements; `echo` (feature `echo`): `EchoBackend`, a backend for tests;
 //! - [`qemu_args`]: the matching QEMU options;
 //! - [`transport`]: [`IvshmemTransport`], all of the above plus the serving loop;
 //! - `milk` (feature `virtio-milk`): `MilkBackend`, virtio-milk's device as a
@@ -30,6 +30,8 @@
 
 pub mod backend;
 pub mod device;
+#[cfg(any(test, feature = "echo"))]
+pub mod echo;
 pub mod guest_ram;
 #[cfg(feature = "virtio-milk")]
 pub mod milk;
@@ -42,11 +44,10 @@ pub mod session;
 pub mod shm;
 pub mod transport;
 
-pub use backend::{
-    Activation, ActiveQueue, Backend, BackendError, EchoBackend, EchoEvent, EchoLog, Interrupts,
-    QueueConfig,
-};
+pub use backend::{Activation, ActiveQueue, Backend, BackendError, Interrupts, QueueConfig};
 pub use device::{Device, DeviceInfo, DeviceStats, Invalid, RequestOutcome};
+#[cfg(any(test, feature = "echo"))]
+pub use echo::{EchoBackend, EchoEvent, EchoLog};
 pub use guest_ram::GuestRam;
 pub use qemu_args::QemuArgs;
 pub use regs::Regs;

@@ -493,7 +493,7 @@ mod tests {
     }
 
     fn header_dir() -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../guest-kernel/include/uapi")
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../guest-kernel/include/uapi")
     }
 
     /// Every (name, offset, size) the Rust mirror claims, named as in C.
