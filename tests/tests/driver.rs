@@ -122,8 +122,8 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     t.qemu_args().apply(&mut spec);
     let handle = t.spawn().expect("transport thread");
     let out = milk_harness::run_qemu(&spec, &mut |l| println!("guest| {l}")).expect("guest ran");
-    let mut t = handle.stop().expect("transport stopped");
-    let summaries = t.device_mut().backend_mut().control().summaries();
+    let _t = handle.stop().expect("transport stopped");
+    let summaries = control.summaries();
 
     assert_eq!(out.result.map(|r| r.status), Some(0));
     let refusals: Vec<&String> = out
