@@ -104,6 +104,7 @@ fn device_of_another_protocol_version_is_refused_with_one_clear_error() {
     )
     .expect("device");
     let backend = MilkBackend::new(dev);
+    let control = backend.control();
     let mut info = backend.device_info();
     // struct virtio_milk_config: __le16 version at offset 4. The driver is
     // built from the same header as the host: the device now claims the
