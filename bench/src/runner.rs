@@ -455,6 +455,12 @@ mod tests {
     #[test]
     fn lost_latency_message_times_out() {
         let e = run_once(&Faulty(|s, _| s != 3), &quick()).unwrap_err();
-        assert!(e.to_string().contains("not received"), "{e}");
+        // The receiver notices the gap, or (on a loaded machine) the sender's watchdog fires
+        // first: either way the lost message is reported, never waited for.
+        let e = e.to_string();
+        assert!(
+            e.contains("not received") || e.contains("sender timed out"),
+            "{e}"
+        );
     }
 }
