@@ -94,13 +94,16 @@ fn latency_cdf(file: &Path, title: &str, chans: &[&ChannelReport]) -> Result<(),
 fn throughput_bars(file: &Path, r: &Report) -> Result<(), PlotError> {
     let rows: Vec<SpreadBar> = measured(r)
         .filter_map(|c| match &c.outcome {
-            Outcome::Measured { tput_spread, .. } => Some(SpreadBar {
-                label: c.name.clone(),
-                median: tput_spread.median,
-                min: tput_spread.min,
-                max: tput_spread.max,
-            }),
+            Outcome::Measured { tput_spread, .. } => Some((c, tput_spread)),
             _ => None,
+        })
+        .enumerate()
+        .map(|(i, (c, t))| SpreadBar {
+            label: c.name.clone(),
+            median: t.median,
+            min: t.min,
+            max: t.max,
+            color: i,
         })
         .collect();
     let hi = rows.iter().map(|r| r.max).fold(1e6, f64::max) * 1.5;
@@ -127,6 +130,8 @@ pub struct SpreadBar {
     pub min: f64,
     /// Whisker end.
     pub max: f64,
+    /// Palette index of the bar's colour (bars of one series share one).
+    pub color: usize,
 }
 
 /// Horizontal bars on a log axis, row 0 on top: each bar the median, its
@@ -190,7 +195,7 @@ pub fn spread_bars(
         .map_err(draw_err(file))?;
     for (i, r) in rows.iter().enumerate() {
         let slot = n - 1 - i;
-        let color = Palette99::pick(i).to_rgba();
+        let color = Palette99::pick(r.color).to_rgba();
         let mut bar = Rectangle::new(
             [
                 (lo, SegmentValue::Exact(slot)),

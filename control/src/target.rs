@@ -182,6 +182,7 @@ impl VmControl {
         if let Some(s) = self.current() {
             v["session_id"] = json!(s.session_id);
             v["session_established"] = json!(s.session_established);
+            v["tasks"] = json!(s.tasks);
             v["counters"] = counters(&s);
         }
         v
@@ -246,6 +247,9 @@ impl VmControl {
             "latency": {
                 "event_to_decision": hist(&m.latency),
                 "decision_to_ack": hist(&m.apply_latency),
+                "swap_stall": hist(&m.swap_stall),
+                "swap_blackout": hist(&m.swap_blackout),
+                "decision_gap": hist(&m.decision_gap),
             },
         }))
     }

@@ -207,10 +207,7 @@ fn bad_requests_get_errors_and_change_nothing() {
         ("{\"cmd\":\"reboot\"}", "unknown command"),
         ("{\"nocmd\":1}", "no \"cmd\""),
         ("{\"cmd\":\"swap\",\"policy\":\"nope\"}", "unknown policy"),
-        (
-            "{\"cmd\":\"swap\",\"policy\":\"fifo:bogus=1\"}",
-            "no parameter",
-        ),
+        ("{\"cmd\":\"swap\",\"policy\":\"fifo:bogus=1\"}", "bogus"),
         ("{\"cmd\":\"swap\"}", "needs a policy"),
         ("{\"cmd\":\"pause\",\"now\":true}", "unknown field"),
         ("", "empty request"),

@@ -134,7 +134,7 @@ fn the_mix_counts_every_kind_and_rejects_bad_arguments() {
     assert!(out.status.success(), "{text}");
     let line = text
         .lines()
-        .find(|l| l.starts_with("milk-mix: seconds="))
+        .find(|l| l.starts_with("milk-mix: ms="))
         .unwrap_or_else(|| panic!("no result line: {text}"));
     let num = |k: &str| -> u64 {
         line.split_whitespace()
@@ -145,18 +145,36 @@ fn the_mix_counts_every_kind_and_rejects_bad_arguments() {
     assert_eq!(num("seconds"), 1);
     assert!(num("elapsed_ms") >= 1000, "{line}");
     assert_eq!(num("errors"), 0);
-    for (total, parts) in [
-        ("yields", ["yield0", "yield1"]),
-        ("forks", ["fork0", "fork1"]),
-        ("pipe_rtts", ["pipe0", "pipe1"]),
+    assert_eq!(num("ms"), 1000);
+    assert_eq!(num("roundtrips"), num("pipe_rtts"));
+    for (kind, total, min) in [
+        ("yielders", "yields", "min_yield"),
+        ("forkers", "forks", "min_fork"),
+        ("pairs", "pipe_rtts", "min_pipe"),
     ] {
-        assert_eq!(num(total), num(parts[0]) + num(parts[1]), "{line}");
-        for p in parts {
-            assert!(num(p) > 0, "{p} never ran: {line}");
-        }
+        assert_eq!(num(kind), 2, "{line}");
+        // Every worker of every kind ran (on an idle host none starves).
+        assert!(num(min) > 0, "a {kind} worker never ran: {line}");
+        assert!(num(total) >= 2 * num(min), "{line}");
     }
 
-    for bad in [&["-s", "0"][..], &["-s", "x"], &["-q"]] {
+    // Only forkers.
+    let out = Command::new(&path)
+        .args(["-d", "300", "-y", "0", "-f", "1", "-P", "0"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("yields=0 forks="), "{text}");
+    assert!(text.contains("yielders=0 forkers=1 pairs=0"), "{text}");
+
+    for bad in [
+        &["-s", "0"][..],
+        &["-s", "x"],
+        &["-q"],
+        &["-y", "17"],
+        &["-d", "0"],
+    ] {
         let out = Command::new(&path).args(bad).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad:?}");
     }

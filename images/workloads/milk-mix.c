@@ -2,24 +2,31 @@
 /*
  * milk-mix: a starvation mix that checks its own results.
  *
- * Runs, together, for SECONDS seconds:
- *   - two sched_yield() loops (they never block),
- *   - two fork-and-wait loops (each child exits with a known status),
- *   - two pipe ping-pong pairs (each round trip echoes a sequence number).
- * Each is its own process; counters live in a shared anonymous mapping.
- * A scheduler that lets the yielding tasks keep their CPUs starves the
- * others, which shows as low fork and round-trip counts.
+ * Runs, together, for the given time (default 4 s):
+ *   - YIELDERS sched_yield() loops (they never block),
+ *   - FORKERS fork-and-wait loops (each child exits with a known status),
+ *   - PAIRS pipe ping-pong pairs (each round trip echoes a sequence number),
+ * two of each by default. Each is its own process; counters live in a
+ * shared anonymous mapping. A scheduler that lets the yielding tasks keep
+ * their CPUs starves the others, which shows as low fork and round-trip
+ * counts.
  *
- * Prints one line at the end:
+ * Prints one line at the end (wrapped here):
  *
- *   milk-mix: seconds=4 elapsed_ms=4003 yields=... forks=... pipe_rtts=...
- *     yield0=... yield1=... fork0=... fork1=... pipe0=... pipe1=... errors=0
+ *   milk-mix: ms=4000 seconds=4 elapsed_ms=4003 yields=N forks=N
+ *     roundtrips=N pipe_rtts=N yielders=2 forkers=2 pairs=2
+ *     min_yield=N min_fork=N min_pipe=N errors=0
  *
- * (one line; wrapped here) and exits 0 only if every worker ran correctly:
+ * (roundtrips and pipe_rtts are the same count; min_* is the slowest
+ * worker of each kind) and exits 0 only if every worker ran correctly:
  * every forked child's status was the one it was given, every echo carried
  * the sequence number that was sent and every worker exited 0.
  *
- * Usage: milk-mix [-s SECONDS]
+ * With -p PID_MAX, /proc/sys/kernel/pid_max is set first (and restored at
+ * the end), so the forkers reuse pids within the run.
+ *
+ * Usage: milk-mix [-s SECONDS | -d DURATION_MS] [-y YIELDERS] [-f FORKERS]
+ *                 [-P PAIRS] [-p PID_MAX]
  */
 #include <errno.h>
 #include <stdio.h>
@@ -32,13 +39,13 @@
 
 #include "workload.h"
 
-#define PAIRS 2
+#define MAX_PER_KIND 16
 
 struct shared {
 	int stop;
-	unsigned long yields[PAIRS];
-	unsigned long forks[PAIRS];
-	unsigned long rtts[PAIRS];
+	unsigned long yields[MAX_PER_KIND];
+	unsigned long forks[MAX_PER_KIND];
+	unsigned long rtts[MAX_PER_KIND];
 	unsigned long errors;
 };
 
@@ -184,25 +191,80 @@ static void spawn_pair(int i, pid_t *ping, pid_t *pong)
 	close(to_ping[1]);
 }
 
+/* Writes @v to pid_max; the old value goes to @old. 0 on success. */
+static int set_pid_max(unsigned long v, unsigned long *old)
+{
+	FILE *f = fopen("/proc/sys/kernel/pid_max", "r+");
+	int ok;
+
+	if (!f)
+		return -1;
+	ok = fscanf(f, "%lu", old) == 1 && fseek(f, 0, SEEK_SET) == 0;
+	ok = ok && fprintf(f, "%lu\n", v) > 0;
+	return fclose(f) || !ok ? -1 : 0;
+}
+
+/* Sum and minimum of @n counters. */
+static unsigned long total(const unsigned long *c, int n, unsigned long *min)
+{
+	unsigned long sum = 0;
+	int i;
+
+	*min = 0;
+	for (i = 0; i < n; i++) {
+		sum += c[i];
+		if (i == 0 || c[i] < *min)
+			*min = c[i];
+	}
+	return sum;
+}
+
+static void print_usage(void)
+{
+	fprintf(stderr, "usage: milk-mix [-s SECONDS | -d DURATION_MS] [-y YIELDERS] ");
+	fprintf(stderr, "[-f FORKERS] [-P PAIRS] [-p PID_MAX]\n");
+	exit(2);
+}
+
 int main(int argc, char **argv)
 {
-	unsigned long seconds = 4, yields, forks, rtts, errors;
-	pid_t pids[4 * PAIRS];
+	unsigned long ms = 4000, ny = 2, nf = 2, np = 2, pid_max = 0, old_max = 0;
+	unsigned long yields, forks, rtts, errors, min_y, min_f, min_p;
+	pid_t pids[4 * MAX_PER_KIND];
 	int opt, i, n = 0, failed = 0;
 	long long t0, elapsed;
 
-	while ((opt = getopt(argc, argv, "s:")) != -1) {
+	while ((opt = getopt(argc, argv, "s:d:y:f:P:p:")) != -1) {
 		switch (opt) {
 		case 's':
-			seconds = workload_parse(argv[0], optarg, "seconds");
+			ms = workload_parse("milk-mix", optarg, "seconds");
+			if (ms == 0 || ms > 3600)
+				print_usage();
+			ms *= 1000;
+			break;
+		case 'd':
+			ms = workload_parse("milk-mix", optarg, "duration");
+			break;
+		case 'y':
+			ny = workload_parse("milk-mix", optarg, "yielders");
+			break;
+		case 'f':
+			nf = workload_parse("milk-mix", optarg, "forkers");
+			break;
+		case 'P':
+			np = workload_parse("milk-mix", optarg, "pairs");
+			break;
+		case 'p':
+			pid_max = workload_parse("milk-mix", optarg, "pid_max");
 			break;
 		default:
-			fprintf(stderr, "usage: %s [-s SECONDS]\n", argv[0]);
-			return 2;
+			print_usage();
 		}
 	}
-	if (seconds == 0 || seconds > 3600) {
-		fprintf(stderr, "%s: seconds must be 1..3600\n", argv[0]);
+	if (ms == 0 || ms > 3600000 || ny > MAX_PER_KIND || nf > MAX_PER_KIND ||
+	    np > MAX_PER_KIND) {
+		fprintf(stderr, "milk-mix: 1..3600 s, at most %d of each kind\n",
+			MAX_PER_KIND);
 		return 2;
 	}
 	sh = mmap(NULL, sizeof(*sh), PROT_READ | PROT_WRITE,
@@ -211,18 +273,26 @@ int main(int argc, char **argv)
 		perror("milk-mix: mmap");
 		return 1;
 	}
-	memset((void *)sh, 0, sizeof(*sh));
-	t0 = workload_now_ms();
-	for (i = 0; i < PAIRS; i++) {
-		pids[n++] = spawn(yield_loop, i);
-		pids[n++] = spawn(fork_loop, i);
-		spawn_pair(i, &pids[n], &pids[n + 1]);
-		n += 2;
+	memset(sh, 0, sizeof(*sh));
+	if (pid_max && set_pid_max(pid_max, &old_max)) {
+		perror("milk-mix: pid_max");
+		return 1;
 	}
-	printf("milk-mix: start seconds=%lu workers=%d\n", seconds, n);
+	t0 = workload_now_ms();
+	for (i = 0; i < (int)MAX_PER_KIND; i++) {
+		if (i < (int)ny)
+			pids[n++] = spawn(yield_loop, i);
+		if (i < (int)nf)
+			pids[n++] = spawn(fork_loop, i);
+		if (i < (int)np) {
+			spawn_pair(i, &pids[n], &pids[n + 1]);
+			n += 2;
+		}
+	}
+	printf("milk-mix: start ms=%lu workers=%d\n", ms, n);
 	fflush(stdout);
 	/* The deadline is the clock's, not the sleep's: a late wakeup counts. */
-	while (workload_now_ms() - t0 < (long long)seconds * 1000)
+	while (workload_now_ms() - t0 < (long long)ms)
 		usleep(20000);
 	STORE(sh->stop, 1);
 	elapsed = workload_now_ms() - t0;
@@ -235,16 +305,19 @@ int main(int argc, char **argv)
 		if (r < 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
 			failed++;
 	}
+	if (pid_max && set_pid_max(old_max, &pid_max))
+		failed++;
 	errors = LOAD(sh->errors) + failed;
-	yields = sh->yields[0] + sh->yields[1];
-	forks = sh->forks[0] + sh->forks[1];
-	rtts = sh->rtts[0] + sh->rtts[1];
+	yields = total(sh->yields, ny, &min_y);
+	forks = total(sh->forks, nf, &min_f);
+	rtts = total(sh->rtts, np, &min_p);
 	/* One line: the host parses it. */
-	printf("milk-mix: seconds=%lu elapsed_ms=%lld", seconds, elapsed);
-	printf(" yields=%lu forks=%lu pipe_rtts=%lu", yields, forks, rtts);
-	printf(" yield0=%lu yield1=%lu", sh->yields[0], sh->yields[1]);
-	printf(" fork0=%lu fork1=%lu", sh->forks[0], sh->forks[1]);
-	printf(" pipe0=%lu pipe1=%lu", sh->rtts[0], sh->rtts[1]);
+	printf("milk-mix: ms=%lu seconds=%lu elapsed_ms=%lld", ms, ms / 1000,
+	       elapsed);
+	printf(" yields=%lu forks=%lu roundtrips=%lu pipe_rtts=%lu", yields,
+	       forks, rtts, rtts);
+	printf(" yielders=%lu forkers=%lu pairs=%lu", ny, nf, np);
+	printf(" min_yield=%lu min_fork=%lu min_pipe=%lu", min_y, min_f, min_p);
 	printf(" errors=%lu\n", errors);
 	return errors ? 1 : 0;
 }

@@ -91,13 +91,12 @@ fn main() {
             let mut errors = 0;
             let mut last_summary = None;
             for _ in 0..args.repeat {
-                let Some(policy) = milk_policies::by_name(&args.policy) else {
-                    eprintln!(
-                        "unknown policy {}; known: {:?}",
-                        args.policy,
-                        milk_policies::names()
-                    );
-                    std::process::exit(2);
+                let policy = match milk_policies::by_name(&args.policy) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        std::process::exit(2);
+                    }
                 };
                 let cfg = LoopbackConfig {
                     num_cpus: args.cpus,

@@ -1,56 +1,20 @@
-//! Policies by name: the one place a `NAME[:PARAMS]` string becomes a policy factory.
-//!
-//! `PARAMS` is a comma-separated list of `key=value`. A name that is not in [`names`], a
-//! parameter the policy does not take, or a value that does not parse is an error; nothing
-//! falls back to another policy.
-//!
-//! | policy | parameters |
-//! | --- | --- |
-//! | `fifo` | `slice_us=N`: slice of every RUN in microseconds (default: the runtime's) |
+//! Policy factories from `NAME[:PARAMS]` strings: what `milk-vmm --policy`, the control
+//! socket's `swap` and the ivshmem session use. Parsing and validation are [`crate::by_name`]'s
+//! (one registry, [`crate::list`]); this module only turns a validated spec into a factory
+//! that makes fresh instances of the same policy with the same parameters.
 
 use virtio_milk::device::PolicyFactory;
 
-use crate::{by_name, names, Fifo};
+use crate::{by_name, list, Error, Spec};
 
-/// Why a policy string was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PolicyError {
-    /// No policy of that name.
-    #[error("unknown policy {name:?} (known: {known})")]
-    Unknown {
-        /// The name asked for.
-        name: String,
-        /// The known names, comma separated.
-        known: String,
-    },
-    /// The policy has no such parameter.
-    #[error("policy {policy} has no parameter {param:?}")]
-    UnknownParam {
-        /// Policy name.
-        policy: String,
-        /// The parameter given.
-        param: String,
-    },
-    /// A parameter value does not parse or is out of range.
-    #[error("policy {policy}: bad value for {param}: {value:?}")]
-    BadValue {
-        /// Policy name.
-        policy: String,
-        /// Parameter.
-        param: String,
-        /// Value given.
-        value: String,
-    },
-    /// Not `key=value`.
-    #[error("policy parameters must be key=value, got {0:?}")]
-    Syntax(String),
-}
+/// Why a policy string was refused (the registry's error).
+pub type PolicyError = Error;
 
 /// A resolved policy string.
 pub struct Resolved {
     /// The policy name (`fifo`).
     pub name: String,
-    /// The string as given, normalised (`fifo:slice_us=2000`; just `fifo` without params).
+    /// The string as given, normalised (`rr:slice_us=2000`; just `fifo` without params).
     pub spec: String,
     /// Makes instances.
     pub factory: PolicyFactory,
@@ -65,92 +29,40 @@ impl std::fmt::Debug for Resolved {
     }
 }
 
-/// Version of the policy implementations (this crate's version).
+/// Version of the policy implementations (this crate's version; each policy also has its
+/// own in [`crate::PolicyInfo::version`]).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// One line per policy for listings: name and parameters.
+/// The one-line description of policy `name` ("" if unknown).
 pub fn describe(name: &str) -> &'static str {
-    match name {
-        "fifo" => "centralized global FIFO; params: slice_us=N",
-        _ => "",
-    }
+    list()
+        .iter()
+        .find(|p| p.name == name)
+        .map_or("", |p| p.description)
 }
 
-fn parse_params(spec: &str) -> Result<Vec<(String, String)>, PolicyError> {
-    spec.split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.trim().to_owned())),
-            _ => Err(PolicyError::Syntax(p.to_owned())),
-        })
-        .collect()
-}
-
-/// Resolves `NAME[:PARAMS]`. See the module documentation.
-pub fn resolve(spec: &str) -> Result<Resolved, PolicyError> {
-    let spec = spec.trim();
-    let (name, params) = match spec.split_once(':') {
-        Some((n, p)) => (n.trim(), p),
-        None => (spec, ""),
-    };
-    if by_name(name).is_none() {
-        return Err(PolicyError::Unknown {
-            name: name.to_owned(),
-            known: names().join(", "),
-        });
-    }
-    let params = parse_params(params)?;
-    let canon = if params.is_empty() {
-        name.to_owned()
+/// Resolves `NAME[:PARAMS]`: unknown names, unknown parameters and bad values are errors.
+pub fn resolve(spec: &str) -> Result<Resolved, Error> {
+    let parsed = Spec::parse(spec)?;
+    // Building one instance runs every check the policy makes on its parameters.
+    by_name(spec)?;
+    let canon = if parsed.params.is_empty() {
+        parsed.name.clone()
     } else {
-        let p: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        format!("{name}:{}", p.join(","))
+        let p: Vec<String> = parsed
+            .params
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        format!("{}:{}", parsed.name, p.join(","))
     };
-    let factory: PolicyFactory = match name {
-        "fifo" => {
-            let mut slice_ns = 0u64;
-            for (k, v) in &params {
-                match k.as_str() {
-                    "slice_us" => {
-                        slice_ns = v
-                            .parse::<u64>()
-                            .ok()
-                            .filter(|&us| (1..=10_000_000).contains(&us))
-                            .map(|us| us * 1000)
-                            .ok_or_else(|| PolicyError::BadValue {
-                                policy: name.into(),
-                                param: k.clone(),
-                                value: v.clone(),
-                            })?
-                    }
-                    _ => {
-                        return Err(PolicyError::UnknownParam {
-                            policy: name.into(),
-                            param: k.clone(),
-                        })
-                    }
-                }
-            }
-            Box::new(move || {
-                let mut f = Fifo::default();
-                f.slice_ns = slice_ns;
-                Box::new(f)
-            })
-        }
-        other => {
-            if let Some((k, _)) = params.first() {
-                return Err(PolicyError::UnknownParam {
-                    policy: other.into(),
-                    param: k.clone(),
-                });
-            }
-            let n = other.to_owned();
-            // `by_name(n)` resolved above; the registry is static.
-            Box::new(move || by_name(&n).expect("registered policy"))
-        }
-    };
+    let again = canon.clone();
+    let factory: PolicyFactory = Box::new(move || {
+        // by_name is a pure function of the spec, which was accepted above.
+        by_name(&again).expect("a spec accepted once is accepted again")
+    });
     Ok(Resolved {
-        name: name.to_owned(),
+        name: parsed.name,
         spec: canon,
         factory,
     })
@@ -159,40 +71,33 @@ pub fn resolve(spec: &str) -> Result<Resolved, PolicyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::names;
 
     #[test]
     fn names_and_params_resolve() {
         for n in names() {
             let r = resolve(n).unwrap();
-            assert_eq!(r.spec, *n);
-            assert_eq!((r.factory)().name(), *n);
+            assert_eq!(r.spec, n);
+            assert_eq!((r.factory)().name(), n);
+            assert!(!describe(n).is_empty());
         }
         let r = resolve(" fifo:slice_us=2000 ").unwrap();
         assert_eq!(r.name, "fifo");
         assert_eq!(r.spec, "fifo:slice_us=2000");
         assert_eq!((r.factory)().name(), "fifo");
-        assert_eq!(resolve("fifo:").unwrap().spec, "fifo");
     }
 
     #[test]
     fn nothing_falls_back() {
         let e = resolve("nope").unwrap_err();
-        assert!(matches!(e, PolicyError::Unknown { ref name, .. } if name == "nope"));
+        assert!(matches!(e, Error::UnknownPolicy(ref name) if name == "nope"));
         assert!(e.to_string().contains("fifo"), "{e}");
         assert!(matches!(
             resolve("fifo:quantum=3"),
-            Err(PolicyError::UnknownParam { .. })
+            Err(Error::UnknownParam { .. })
         ));
-        for bad in ["fifo:slice_us=0", "fifo:slice_us=x", "fifo:slice_us=-1"] {
-            assert!(
-                matches!(resolve(bad), Err(PolicyError::BadValue { .. })),
-                "{bad}"
-            );
-        }
-        assert!(matches!(
-            resolve("fifo:slice_us"),
-            Err(PolicyError::Syntax(_))
-        ));
-        assert!(matches!(resolve(""), Err(PolicyError::Unknown { .. })));
+        assert!(matches!(resolve("fifo:slice_us"), Err(Error::Syntax(_))));
+        assert!(resolve("").is_err());
+        assert_eq!(describe("nope"), "");
     }
 }

@@ -23,7 +23,8 @@ fn check_clean(s: &virtio_milk::loopback::LoopbackStats, target: u64, tasks: u64
     assert_eq!(
         s.rejected,
         [0; AckStatus::COUNT],
-        "guest rejected a decision"
+        "guest rejected a decision: {}",
+        s.host
     );
     assert_eq!(s.host.engine.malformed_total(), 0, "{}", s.host);
     assert_eq!(h.stale_events, 0);

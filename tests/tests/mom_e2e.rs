@@ -500,13 +500,13 @@ fn hostile_host_decisions_are_rejected_and_counted() {
             };
             let d = [
                 // Unknown task.
-                RawDecision::run(NO_SUCH_PID, 0, 1),
+                RawDecision::run_pid(NO_SUCH_PID, 0, 1),
                 // Allowed CPU, but seq 1 (its TASK_NEW) is long stale.
-                RawDecision::run(pid, 1, 1),
+                RawDecision::run_pid(pid, 1, 1),
                 // CPU 0 is not in its mask (checked before the seq).
-                RawDecision::run(pid, 0, 1),
+                RawDecision::run_pid(pid, 0, 1),
                 // No CPU 7 at all.
-                RawDecision::run(pid, 7, 1),
+                RawDecision::run_pid(pid, 7, 1),
             ];
             injected = Some((pid, ctl.inject_decisions(&d)));
         }
@@ -558,8 +558,13 @@ fn hostile_host_decisions_are_rejected_and_counted() {
         assert!(g >= n, "guest {name} = {g}, injected {n}");
         assert!(ack(s, st) >= g, "host {st:?} acks < guest {name} {g}: {s}");
     }
-    // And the policy kept scheduling: the injected acks never reached it.
-    assert_eq!(m.unmatched_acks, 0, "{s}");
+    // And the policy kept scheduling: the injected acks never reached it. The only
+    // unmatched acks are late ones of commitments the host gave up on (v2: a timeout or
+    // CPU events resolve a commitment; its ack may still come).
+    assert!(
+        m.unmatched_acks <= m.commit_timeouts + m.commits_resolved_by_cpu_event,
+        "{s}"
+    );
     assert!(ack(s, AckStatus::Ok) >= 16 * 20, "{s}");
 }
 

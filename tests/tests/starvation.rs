@@ -39,7 +39,7 @@ fn mix_result(console: &[String]) -> Mix {
     let line = console
         .iter()
         .rev()
-        .find(|l| l.starts_with("milk-mix: seconds="))
+        .find(|l| l.starts_with("milk-mix: ms="))
         .unwrap_or_else(|| panic!("no milk-mix result line:\n{}", console.join("\n")));
     let f: HashMap<&str, f64> = line
         .split_whitespace()

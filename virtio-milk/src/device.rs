@@ -304,7 +304,7 @@ impl<M: GuestMemory + Send + 'static> MilkDevice<M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{Decision, PolicyEvent, SchedView};
+    use crate::policy::{Dispatcher, PolicyEvent, SchedView};
     use vm_memory::GuestMemoryMmap;
 
     struct Idle;
@@ -314,7 +314,7 @@ mod tests {
         }
         fn attach(&mut self, _: &SchedView) {}
         fn on_event(&mut self, _: &PolicyEvent, _: &SchedView) {}
-        fn schedule(&mut self, _: &SchedView, _: &mut Vec<Decision>) {}
+        fn schedule(&mut self, _: &mut Dispatcher<'_>) {}
     }
 
     fn dev(n: u32) -> Result<MilkDevice<GuestMemoryMmap>, DeviceError> {

@@ -41,8 +41,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::metrics::{monotonic_ns, Summary};
 use crate::policy::Policy;
 use crate::protocol::{
-    msg, pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
-    TaskEventKind, MAX_BATCH, RECORD_SIZE,
+    msg, pack_name, parse_record, AckInfo, AckStatus, DecisionInfo, Direction, EventInfo, Gtid,
+    Message, SessionInfo, TaskEventKind, TaskNewInfo, MAX_BATCH, RECORD_SIZE, WAKE_NEW,
 };
 use crate::queue::{EngineConfig, EventFdInterrupt, QueueConfig, QueueEngine};
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeError};
@@ -463,7 +463,7 @@ struct Guest<'a> {
     queues: Vec<DriverQueue>,
     kick: EventFd,
     irq: EventFd,
-    tasks: HashMap<u32, SimTask>,
+    tasks: HashMap<Gtid, SimTask>,
     pending: Vec<Vec<[u8; RECORD_SIZE]>>,
     session: u64,
     stopping: bool,
@@ -525,33 +525,37 @@ impl Guest<'_> {
 
     fn announce_all(&mut self) {
         let now = monotonic_ns();
-        let mut pids: Vec<u32> = self.tasks.keys().copied().collect();
-        pids.sort_unstable();
-        for pid in pids {
-            let t = self.tasks.get_mut(&pid).expect("pid from keys");
+        let mut gtids: Vec<Gtid> = self.tasks.keys().copied().collect();
+        gtids.sort_unstable();
+        for gtid in gtids {
+            let t = self.tasks.get_mut(&gtid).expect("gtid from keys");
             t.seq += 1;
-            let new = Message::TaskNew {
+            let new = Message::TaskNew(TaskNewInfo {
                 cpu: t.home,
-                pid,
-                tgid: pid,
+                gtid,
                 seq: t.seq,
                 ts_ns: now,
-                comm: pack_name(&format!("sim{pid}")),
+                comm: pack_name(&format!("sim{}", gtid.pid())),
                 cpus_allowed: t.allowed,
+                tgid: gtid.pid(),
                 weight: 100,
                 nice: 0,
-            };
+            });
             t.seq += 1;
             t.state = SimState::Runnable;
             t.wake_ns = now;
-            let wake = Message::Task {
-                kind: TaskEventKind::Wakeup,
-                cpu: t.home,
-                pid,
-                arg: 0,
-                seq: t.seq,
-                ts_ns: now,
-            };
+            let wake = Message::Task(
+                TaskEventKind::Wakeup,
+                EventInfo {
+                    cpu: t.home,
+                    gtid,
+                    seq: t.seq,
+                    ts_ns: now,
+                    arg: WAKE_NEW,
+                    src_cpu: t.home,
+                    ..Default::default()
+                },
+            );
             let home = t.home;
             self.queue_record(home, new);
             self.queue_record(home, wake);
@@ -607,22 +611,22 @@ impl Guest<'_> {
         let cpu = d.cpu;
         self.queue_record(
             cpu,
-            Message::Ack {
+            Message::Ack(AckInfo {
                 cpu,
-                pid: d.pid,
+                gtid: d.gtid,
                 status,
                 seq: d.seq,
                 ts_ns: monotonic_ns(),
                 cookie: d.cookie,
                 decision_type: ty,
                 target_cpu: d.cpu,
-            },
+            }),
         );
     }
 
     fn apply_run(&mut self, d: DecisionInfo) {
         let now = monotonic_ns();
-        let status = match self.tasks.get(&d.pid) {
+        let status = match self.tasks.get(&d.gtid) {
             None => AckStatus::NoTask,
             Some(t) if t.seq != d.seq => AckStatus::Stale,
             Some(t) if d.cpu >= 64 || t.allowed & (1 << d.cpu) == 0 => AckStatus::BadCpu,
@@ -636,33 +640,27 @@ impl Guest<'_> {
         self.stats.runs_applied += 1;
         let stopping = self.stopping || self.stats.runs_applied >= self.cfg.runs;
         self.stopping = stopping;
-        let t = self.tasks.get_mut(&d.pid).expect("validated above");
+        let t = self.tasks.get_mut(&d.gtid).expect("validated above");
         self.latencies.push(now.saturating_sub(t.wake_ns));
         // The task runs for zero time, blocks, and (unless stopping) wakes again.
         t.seq += 1;
         t.state = SimState::Blocked;
-        let blocked = Message::Task {
-            kind: TaskEventKind::Blocked,
+        let ev = |seq, ts_ns| EventInfo {
             cpu: d.cpu,
-            pid: d.pid,
-            arg: 0,
-            seq: t.seq,
-            ts_ns: now,
+            gtid: d.gtid,
+            seq,
+            ts_ns,
+            src_cpu: d.cpu,
+            ..Default::default()
         };
+        let blocked = Message::Task(TaskEventKind::Blocked, ev(t.seq, now));
         let wake = if stopping {
             None
         } else {
             t.seq += 1;
             t.state = SimState::Runnable;
             t.wake_ns = monotonic_ns();
-            Some(Message::Task {
-                kind: TaskEventKind::Wakeup,
-                cpu: d.cpu,
-                pid: d.pid,
-                arg: 0,
-                seq: t.seq,
-                ts_ns: t.wake_ns,
-            })
+            Some(Message::Task(TaskEventKind::Wakeup, ev(t.seq, t.wake_ns)))
         };
         self.queue_record(d.cpu, blocked);
         if let Some(w) = wake {
@@ -864,6 +862,10 @@ pub fn run_loopback_with_swap(
             NotifyMode::Hybrid(d) => Some(d),
         },
         heartbeat: cfg.heartbeat,
+        // The simulated guest never loses an ack: only a stalled thread (a loaded
+        // machine) delays one, and giving up on it would only produce STALE retries.
+        ack_timeout: cfg.timeout,
+        ack_grace: cfg.timeout,
         ..Default::default()
     };
     let all = if cfg.num_cpus >= 64 {
@@ -874,7 +876,7 @@ pub fn run_loopback_with_swap(
     let tasks = (0..cfg.tasks)
         .map(|i| {
             (
-                PID_BASE + i,
+                Gtid::new(PID_BASE + i, 1),
                 SimTask {
                     seq: 0,
                     state: SimState::Blocked,

@@ -198,6 +198,41 @@ pub struct Metrics {
     pub injected: u64,
     /// Acks of injected decisions, by status (also included in `acks`).
     pub injected_acks: [u64; AckStatus::COUNT],
+    /// RUNs sent to a busy CPU (staged by the guest until its next dispatch).
+    pub decisions_staged: u64,
+    /// RUNs sent with F_PREEMPT.
+    pub decisions_run_preempt: u64,
+    /// Guests refused for speaking another protocol version.
+    pub version_refusals: u64,
+    /// Commitments given up after `ack_timeout` without an ack.
+    pub commit_timeouts: u64,
+    /// Commitments resolved by a CPU_IDLE / CPU_BUSY of their CPU (the guest moved on).
+    pub commits_resolved_by_cpu_event: u64,
+    /// OK acks of decisions no longer tracked (after a timeout or resolution).
+    pub late_ok_acks: u64,
+    /// TASK_FALLBACK records: the guest dispatched a task itself.
+    pub fallbacks_reported: u64,
+    /// TASK_DEPARTED records.
+    pub departed: u64,
+    /// TASK_NEW reusing the pid of a known task with another generation.
+    pub pid_reuse: u64,
+    /// Outcomes of decisions made by a policy swapped out since (not passed on).
+    pub stale_policy_outcomes: u64,
+    /// Decisions submitted for a policy epoch no longer installed (refused).
+    pub stale_policy_decisions: u64,
+    /// Policy timers fired.
+    pub timers_fired: u64,
+    /// CPU_TICK records.
+    pub ticks: u64,
+    /// Per swap: the loop's time in the swap (revoke, attach, HELLO, first schedule), ns.
+    pub swap_stall: Histogram,
+    /// Per swap: last decision of the old policy -> first decision of the new one, ns.
+    pub swap_blackout: Histogram,
+    /// Gap between two consecutive decisions of the same policy, ns (what a swap's
+    /// blackout compares with).
+    pub decision_gap: Histogram,
+    /// The last RUN the policy swapped out last had written (for late-replay tests).
+    pub last_run_before_swap: Option<crate::runtime::RawDecision>,
 }
 
 impl Default for Metrics {
@@ -221,6 +256,23 @@ impl Default for Metrics {
             apply_latency: Histogram::default(),
             injected: 0,
             injected_acks: [0; AckStatus::COUNT],
+            decisions_staged: 0,
+            decisions_run_preempt: 0,
+            version_refusals: 0,
+            commit_timeouts: 0,
+            commits_resolved_by_cpu_event: 0,
+            late_ok_acks: 0,
+            fallbacks_reported: 0,
+            departed: 0,
+            pid_reuse: 0,
+            stale_policy_outcomes: 0,
+            stale_policy_decisions: 0,
+            timers_fired: 0,
+            ticks: 0,
+            swap_stall: Histogram::default(),
+            swap_blackout: Histogram::default(),
+            decision_gap: Histogram::default(),
+            last_run_before_swap: None,
         }
     }
 }
@@ -257,6 +309,8 @@ pub struct Summary {
     pub session_id: u64,
     /// Whether the guest echoed that session's HELLO.
     pub session_established: bool,
+    /// Tasks in the runtime's task table.
+    pub tasks: usize,
 }
 
 fn fmt_ns(ns: u64) -> String {
@@ -290,9 +344,11 @@ impl fmt::Display for Summary {
         writeln!(f, "{}", if sep == ", " { ")" } else { "" })?;
         writeln!(
             f,
-            "  decisions: {} (RUN {}, PREEMPT {})",
+            "  decisions: {} (RUN {} [staged {}, preempting {}], PREEMPT {})",
             m.decisions_run + m.decisions_preempt,
             m.decisions_run,
+            m.decisions_staged,
+            m.decisions_run_preempt,
             m.decisions_preempt
         )?;
         write!(f, "  acks:")?;
@@ -302,10 +358,23 @@ impl fmt::Display for Summary {
         writeln!(f)?;
         writeln!(
             f,
-            "  rejections: {}  guest fallbacks: {}",
+            "  rejections: {}  guest fallbacks: {} (reported {})",
             m.acks_total() - m.acks[AckStatus::Ok as usize],
-            m.guest_fallbacks
+            m.guest_fallbacks,
+            m.fallbacks_reported
         )?;
+        writeln!(
+            f,
+            "  commitments: {} timed out, {} resolved by cpu events, {} late OK acks",
+            m.commit_timeouts, m.commits_resolved_by_cpu_event, m.late_ok_acks
+        )?;
+        if m.version_refusals > 0 {
+            writeln!(
+                f,
+                "  refused guests (protocol version): {}",
+                m.version_refusals
+            )?;
+        }
         write!(
             f,
             "  protocol errors: {} malformed",
@@ -352,6 +421,22 @@ impl fmt::Display for Summary {
                 f,
                 "\n  records queued before this runtime started (dropped): {}",
                 m.discarded_on_start
+            )?;
+        }
+        if m.policy_swaps > 0 {
+            write!(
+                f,
+                "\n  policy swaps: {} (stale outcomes {}, stale decisions {}); stall p50 {} max {}; \
+                 blackout p50 {} max {} (decision gap p50 {} p99 {})",
+                m.policy_swaps,
+                m.stale_policy_outcomes,
+                m.stale_policy_decisions,
+                fmt_ns(m.swap_stall.percentile(50.0)),
+                fmt_ns(m.swap_stall.max()),
+                fmt_ns(m.swap_blackout.percentile(50.0)),
+                fmt_ns(m.swap_blackout.max()),
+                fmt_ns(m.decision_gap.percentile(50.0)),
+                fmt_ns(m.decision_gap.percentile(99.0))
             )?;
         }
         if m.injected > 0 {

@@ -212,6 +212,8 @@ pub struct EngineStats {
     pub interrupts_suppressed: u64,
     /// Interrupt callbacks that returned an error.
     pub interrupt_errors: u64,
+    /// Protocol version of the latest record refused for its version (0: none yet).
+    pub last_bad_version: u8,
 }
 
 impl EngineStats {
@@ -519,6 +521,9 @@ impl<M: GuestMemory> QueueEngine<M> {
                                 out.push((cpu as u16, m));
                             }
                             Err(e) => {
+                                if let ProtoError::BadVersion(v) = e {
+                                    self.stats.last_bad_version = v;
+                                }
                                 self.stats.malformed[Malformed::from_proto(e) as usize] += 1;
                             }
                         }
@@ -576,6 +581,16 @@ impl<M: GuestMemory> QueueEngine<M> {
                 false
             }
         }
+    }
+
+    /// Take every decision still waiting for a guest buffer, as `(cpu, record)` in queue
+    /// order per CPU (e.g. to keep some and [`Self::push_decision`] them back).
+    pub fn take_backlog(&mut self) -> Vec<(u16, [u8; RECORD_SIZE])> {
+        let mut out = Vec::with_capacity(self.backlog_len());
+        for (cpu, b) in self.backlog.iter_mut().enumerate() {
+            out.extend(b.drain(..).map(|r| (cpu as u16, r)));
+        }
+        out
     }
 
     /// Drop every decision still waiting for a guest buffer; returns how many.

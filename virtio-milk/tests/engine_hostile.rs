@@ -10,7 +10,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use virtio_milk::loopback::{DriverQueue, LoopbackMemory, VRING_DESC_F_NEXT};
 use virtio_milk::protocol::{
-    parse_record, DecisionInfo, Direction, Message, TaskEventKind, RECORD_SIZE,
+    parse_record, DecisionInfo, Direction, EventInfo, Gtid, Message, TaskEventKind, RECORD_SIZE,
 };
 use virtio_milk::queue::{EngineConfig, Malformed, QueueEngine};
 
@@ -57,14 +57,14 @@ fn rig(event_idx: bool) -> Rig {
 }
 
 fn wake(pid: u32, seq: u64) -> [u8; RECORD_SIZE] {
-    Message::Task {
-        kind: TaskEventKind::Wakeup,
-        cpu: 0,
-        pid,
-        arg: 0,
-        seq,
-        ts_ns: 0,
-    }
+    Message::Task(
+        TaskEventKind::Wakeup,
+        EventInfo {
+            gtid: Gtid::new(pid, 1),
+            seq,
+            ..Default::default()
+        },
+    )
     .encode()
 }
 
@@ -113,7 +113,7 @@ fn valid_batch_straddling_descriptors_is_parsed() {
     let got = r.poll();
     assert_eq!(got.len(), 3);
     for (i, m) in got.iter().enumerate() {
-        assert!(matches!(m, Message::Task { pid, .. } if *pid == 100 + i as u32));
+        assert!(matches!(m, Message::Task(_, e) if e.gtid.pid() == 100 + i as u32));
     }
     assert_eq!(r.engine.stats().malformed_total(), 0);
     assert!(r.all_returned());
@@ -143,7 +143,7 @@ fn bad_records_are_dropped_but_neighbours_survive() {
     let mut unknown = good;
     unknown[0] = 0x7e;
     let run = Message::Run(DecisionInfo {
-        pid: 7,
+        gtid: Gtid::new(7, 1),
         ..Default::default()
     })
     .encode();
@@ -271,11 +271,12 @@ fn random_garbage_never_panics() {
 fn run_decision(pid: u32, cpu: u16) -> [u8; RECORD_SIZE] {
     Message::Run(DecisionInfo {
         cpu,
-        pid,
+        gtid: Gtid::new(pid, 1),
         seq: 3,
         slice_ns: 1000,
         cookie: u64::from(pid),
         ts_ns: 0,
+        flags: 0,
     })
     .encode()
 }
@@ -317,7 +318,7 @@ fn decisions_fill_posted_buffers_and_skip_bad_ones() {
             .read_slice(&mut raw, GuestAddress(good + (i * RECORD_SIZE) as u64))
             .unwrap();
         match parse_record(&raw, Direction::HostToGuest, 2).unwrap() {
-            Message::Run(d) => assert_eq!(d.pid, i as u32 + 1),
+            Message::Run(d) => assert_eq!(d.gtid.pid(), i as u32 + 1),
             m => panic!("unexpected {m:?}"),
         }
     }

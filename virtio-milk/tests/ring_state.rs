@@ -6,7 +6,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
-use virtio_milk::protocol::{Message, TaskEventKind, RECORD_SIZE};
+use virtio_milk::protocol::{EventInfo, Gtid, Message, TaskEventKind, RECORD_SIZE};
 use virtio_milk::queue::{EngineConfig, EngineError, Malformed, QueueEngine, RingState};
 
 const CPUS: u16 = 1;
@@ -27,14 +27,14 @@ fn engine(lm: &LoopbackMemory) -> QueueEngine<GuestMemoryMmap> {
 }
 
 fn wake(pid: u32) -> [u8; RECORD_SIZE] {
-    Message::Task {
-        kind: TaskEventKind::Wakeup,
-        cpu: 0,
-        pid,
-        arg: 0,
-        seq: 1,
-        ts_ns: 0,
-    }
+    Message::Task(
+        TaskEventKind::Wakeup,
+        EventInfo {
+            gtid: Gtid::new(pid, 1),
+            seq: 1,
+            ..EventInfo::default()
+        },
+    )
     .encode()
 }
 
@@ -52,7 +52,7 @@ fn pids(e: &mut QueueEngine<GuestMemoryMmap>) -> Vec<u32> {
     e.poll_events(&mut out);
     out.into_iter()
         .filter_map(|(_, m)| match m {
-            Message::Task { pid, .. } => Some(pid),
+            Message::Task(_, e) => Some(e.gtid.pid()),
             _ => None,
         })
         .collect()

@@ -9,10 +9,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
-use virtio_milk::policy::{CpuState, Decision, Policy, PolicyEvent, SchedView, TaskState};
+use virtio_milk::policy::{
+    CpuState, Decision, DecisionKind, Dispatcher, Gtid, Outcome, Policy, PolicyEvent, SchedView,
+    TaskState,
+};
 use virtio_milk::protocol::{
-    pack_name, parse_record, AckStatus, DecisionInfo, Direction, Message, SessionInfo,
-    TaskEventKind, RECORD_SIZE,
+    pack_name, parse_record, AckInfo, AckStatus, AffinityInfo, CpuEventKind, DecisionInfo,
+    Direction, EventInfo, Message, PriorityInfo, SessionInfo, TaskEventKind, TaskNewInfo,
+    RECORD_SIZE,
 };
 use virtio_milk::queue::{EngineConfig, QueueEngine};
 use virtio_milk::runtime::{Runtime, RuntimeConfig};
@@ -58,28 +62,28 @@ impl Policy for TestPolicy {
     fn on_event(&mut self, ev: &PolicyEvent, _view: &SchedView) {
         self.seen.lock().unwrap().push(*ev);
     }
-    fn schedule(&mut self, view: &SchedView, out: &mut Vec<Decision>) {
-        out.append(&mut self.bogus);
+    fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+        for b in std::mem::take(&mut self.bogus) {
+            let _ = d.submit(b);
+        }
+        let view = d.view();
         let mut runnable: Vec<_> = view
             .tasks
             .values()
             .filter(|t| t.state == TaskState::Runnable)
-            .map(|t| t.pid)
+            .map(|t| t.gtid)
             .collect();
         runnable.sort_unstable();
-        for cpu in view.free_cpus() {
+        let free: Vec<u16> = view.free_cpus().collect();
+        for cpu in free {
             let Some(i) = runnable
                 .iter()
-                .position(|&pid| view.task(pid).is_some_and(|t| t.allows(cpu)))
+                .position(|&g| d.view().task(g).is_some_and(|t| t.allows(cpu)))
             else {
                 continue;
             };
-            let pid = runnable.remove(i);
-            out.push(Decision::Run {
-                pid,
-                cpu,
-                slice_ns: 0,
-            });
+            let gtid = runnable.remove(i);
+            d.run(gtid, cpu, 0).expect("runtime accepts a valid RUN");
         }
     }
 }
@@ -93,6 +97,12 @@ struct Guest {
 impl Guest {
     /// Post one event buffer with `msgs` on `cpu`'s event queue (kicking if asked).
     fn send(&mut self, cpu: u16, msgs: &[Message]) {
+        let raw: Vec<[u8; RECORD_SIZE]> = msgs.iter().map(Message::encode).collect();
+        self.send_raw(cpu, &raw);
+    }
+
+    /// Post one event buffer holding these raw records.
+    fn send_raw(&mut self, cpu: u16, msgs: &[[u8; RECORD_SIZE]]) {
         let q = usize::from(cpu) * 2;
         while self.dq[q].pop_used(&self.lm.mem).is_some() {}
         let d = self.dq[q].next_free_desc().expect("free event descriptor");
@@ -100,7 +110,7 @@ impl Guest {
         for (i, m) in msgs.iter().enumerate() {
             self.lm
                 .mem
-                .write_slice(&m.encode(), GuestAddress(addr + (i * RECORD_SIZE) as u64))
+                .write_slice(m, GuestAddress(addr + (i * RECORD_SIZE) as u64))
                 .unwrap();
         }
         let len = (msgs.len() * RECORD_SIZE) as u32;
@@ -154,6 +164,19 @@ impl Guest {
 }
 
 fn setup(policy: Box<dyn Policy>) -> (Guest, Runtime<GuestMemoryMmap>) {
+    setup_with(
+        policy,
+        RuntimeConfig {
+            heartbeat: None,
+            // Step-driven tests must not see commitments expire on a loaded machine.
+            ack_timeout: Duration::from_secs(3600),
+            ack_grace: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+}
+
+fn setup_with(policy: Box<dyn Policy>, rcfg: RuntimeConfig) -> (Guest, Runtime<GuestMemoryMmap>) {
     let lm = LoopbackMemory::new(CPUS, 8, 256).unwrap();
     let kick = EventFd::new(EFD_NONBLOCK).unwrap();
     let mut cfg = EngineConfig::new(u32::from(CPUS));
@@ -170,53 +193,73 @@ fn setup(policy: Box<dyn Policy>) -> (Guest, Runtime<GuestMemoryMmap>) {
     let dq = lm.driver_queues(true);
     let mut g = Guest { lm, dq, kick };
     g.post_decision_buffers();
-    let rt = Runtime::new(
-        engine,
-        policy,
-        RuntimeConfig {
-            heartbeat: None,
-            ..Default::default()
-        },
-    );
+    let rt = Runtime::new(engine, policy, rcfg);
     (g, rt)
 }
 
-fn task_new(pid: u32, seq: u64, mask: u64) -> Message {
-    Message::TaskNew {
+/// The gtid of test task `pid` (generation 1).
+fn gt(pid: u32) -> Gtid {
+    Gtid::new(pid, 1)
+}
+
+fn task_new_gtid(gtid: Gtid, seq: u64, mask: u64) -> Message {
+    Message::TaskNew(TaskNewInfo {
         cpu: 0,
-        pid,
-        tgid: pid,
+        gtid,
         seq,
         ts_ns: 0,
         comm: pack_name("t"),
         cpus_allowed: mask,
+        tgid: gtid.pid(),
         weight: 100,
         nice: 0,
-    }
+    })
+}
+
+fn task_new(pid: u32, seq: u64, mask: u64) -> Message {
+    task_new_gtid(gt(pid), seq, mask)
+}
+
+fn ev_gtid(kind: TaskEventKind, cpu: u16, gtid: Gtid, seq: u64) -> Message {
+    Message::Task(
+        kind,
+        EventInfo {
+            cpu,
+            gtid,
+            seq,
+            src_cpu: cpu,
+            ..Default::default()
+        },
+    )
 }
 
 fn ev(kind: TaskEventKind, cpu: u16, pid: u32, seq: u64) -> Message {
-    Message::Task {
+    ev_gtid(kind, cpu, gt(pid), seq)
+}
+
+fn cpu_ev(kind: CpuEventKind, cpu: u16, gtid: Gtid) -> Message {
+    Message::Cpu(
         kind,
-        cpu,
-        pid,
-        arg: 0,
-        seq,
-        ts_ns: 0,
-    }
+        EventInfo {
+            cpu,
+            gtid,
+            src_cpu: cpu,
+            ..Default::default()
+        },
+    )
 }
 
 fn ack(d: &DecisionInfo, status: AckStatus) -> Message {
-    Message::Ack {
+    Message::Ack(AckInfo {
         cpu: d.cpu,
-        pid: d.pid,
+        gtid: d.gtid,
         status,
         seq: d.seq,
         ts_ns: 0,
         cookie: d.cookie,
         decision_type: virtio_milk::protocol::msg::RUN,
         target_cpu: d.cpu,
-    }
+    })
 }
 
 fn runs(msgs: &[Message]) -> Vec<DecisionInfo> {
@@ -245,15 +288,15 @@ fn seq_tracking_drops_stale_and_unknown_events() {
     rt.step();
     assert_eq!(rt.metrics().stale_events, 1);
     assert_eq!(rt.metrics().unknown_task_events, 1);
-    let t = rt.view().task(10).unwrap();
+    let t = rt.view().task(gt(10)).unwrap();
     assert_eq!(t.seq, 3);
     assert_eq!(t.state, TaskState::Dispatched(0));
     let got = g.recv(0);
     let r = runs(&got);
     assert_eq!(r.len(), 1);
     assert_eq!(
-        (r[0].pid, r[0].cpu, r[0].seq),
-        (10, 0, 3),
+        (r[0].gtid, r[0].cpu, r[0].seq),
+        (gt(10), 0, 3),
         "RUN carries latest seq"
     );
     assert!(matches!(got[0], Message::Hello(_)));
@@ -278,23 +321,26 @@ fn acks_drive_task_and_cpu_state() {
     all.extend(g.recv(1));
     let r = runs(&all);
     assert_eq!(r.len(), 2);
-    let d1 = r.iter().find(|d| d.pid == 1).unwrap();
-    let d2 = r.iter().find(|d| d.pid == 2).unwrap();
+    let d1 = r.iter().find(|d| d.gtid == gt(1)).unwrap();
+    let d2 = r.iter().find(|d| d.gtid == gt(2)).unwrap();
     // An ack whose cookie is not the CPU's in-flight RUN changes nothing.
     let mut wrong = *d1;
     wrong.cookie += 100;
     g.send(0, &[ack(&wrong, AckStatus::Ok)]);
     rt.step();
     assert_eq!(rt.metrics().unmatched_acks, 1);
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Committed(1));
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Committed(gt(1)));
     // Task 1: OK -> Running. Task 2: STALE -> requeued and dispatched again.
     g.send(0, &[ack(d1, AckStatus::Ok), ack(d2, AckStatus::Stale)]);
     rt.step();
-    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Running(d1.cpu));
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Running(1));
+    assert_eq!(
+        rt.view().task(gt(1)).unwrap().state,
+        TaskState::Running(d1.cpu)
+    );
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Running(gt(1)));
     let again = runs(&g.recv(d2.cpu));
     assert_eq!(again.len(), 1, "stale RUN is retried");
-    assert_eq!(again[0].pid, 2);
+    assert_eq!(again[0].gtid, gt(2));
     // NO_TASK removes the task; BLOCKED frees task 1's CPU.
     g.send(
         0,
@@ -304,9 +350,9 @@ fn acks_drive_task_and_cpu_state() {
         ],
     );
     rt.step();
-    assert!(rt.view().task(2).is_none());
-    assert_eq!(rt.view().task(1).unwrap().state, TaskState::Blocked);
-    assert_eq!(rt.view().cpus[usize::from(d1.cpu)], CpuState::Idle);
+    assert!(rt.view().task(gt(2)).is_none());
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Blocked);
+    assert_eq!(rt.view().cpu_state(d1.cpu), CpuState::Idle);
     let m = rt.metrics();
     assert_eq!(
         m.acks[AckStatus::Ok as usize],
@@ -318,8 +364,11 @@ fn acks_drive_task_and_cpu_state() {
     assert_eq!(m.decisions_run, 3);
     assert_eq!(m.latency.count(), 3);
     let seen = seen.lock().unwrap();
-    assert!(seen.contains(&PolicyEvent::TaskDead(2)));
-    assert!(seen.contains(&PolicyEvent::TaskBlocked(1)));
+    assert!(seen.contains(&PolicyEvent::TaskDead(gt(2))));
+    assert!(seen.contains(&PolicyEvent::TaskBlocked {
+        gtid: gt(1),
+        runtime_ns: 0
+    }));
 }
 
 #[test]
@@ -327,19 +376,22 @@ fn runtime_refuses_bad_policy_decisions() {
     let (mut p, _) = TestPolicy::new("t");
     p.bogus = vec![
         Decision::Run {
-            pid: 77,
+            gtid: gt(77),
             cpu: 0,
             slice_ns: 0,
+            preempt: false,
         }, // unknown task
         Decision::Run {
-            pid: 5,
+            gtid: gt(5),
             cpu: 1,
             slice_ns: 0,
+            preempt: false,
         }, // not allowed on CPU 1
         Decision::Run {
-            pid: 5,
+            gtid: gt(5),
             cpu: 9,
             slice_ns: 0,
+            preempt: false,
         }, // no such CPU
     ];
     let (mut g, mut rt) = setup(Box::new(p));
@@ -393,7 +445,7 @@ fn guest_session_messages() {
     guest_hello(&mut g, 0);
     rt.step();
     assert_eq!(rt.session_id(), s1);
-    assert!(rt.view().task(3).is_some());
+    assert!(rt.view().task(gt(3)).is_some());
     assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
     assert!(!rt.session_established());
     // The guest echoes our session: established.
@@ -407,7 +459,7 @@ fn guest_session_messages() {
     let s2 = rt.session_id();
     assert_ne!(s1, s2);
     assert!(
-        rt.view().task(3).is_none(),
+        rt.view().task(gt(3)).is_none(),
         "a new session forgets the tasks"
     );
     assert_eq!(
@@ -441,10 +493,10 @@ fn guest_session_messages() {
     // GOODBYE from the guest: tasks are forgotten, a new HELLO (no GOODBYE) is offered.
     g.send(0, &[task_new(4, 1, 1)]);
     rt.step();
-    assert!(rt.view().task(4).is_some());
+    assert!(rt.view().task(gt(4)).is_some());
     g.send(0, &[Message::Goodbye(SessionInfo::default())]);
     rt.step();
-    assert!(rt.view().task(4).is_none());
+    assert!(rt.view().task(gt(4)).is_none());
     let s4 = rt.session_id();
     assert!(s4 > s3);
     assert_eq!(session_records(&mut g), vec![("HELLO", s4)]);
@@ -559,29 +611,22 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
     let (mut g, mut rt) = setup(Box::new(p));
     rt.start_session();
     // CPU 1 is busy with something the host does not schedule.
-    g.send(
-        1,
-        &[Message::CpuBusy {
-            cpu: 1,
-            pid: 0,
-            ts_ns: 0,
-        }],
-    );
+    g.send(1, &[cpu_ev(CpuEventKind::Busy, 1, Gtid(0))]);
     g.send(
         0,
         &[task_new(1, 1, 0b11), ev(TaskEventKind::Wakeup, 0, 1, 2)],
     );
     rt.step();
-    assert_eq!(rt.view().cpus[1], CpuState::Running(0));
+    assert_eq!(rt.view().cpu_state(1), CpuState::Running(Gtid(0)));
     let r = runs(&g.recv(0));
     assert_eq!((r.len(), r[0].cpu), (1, 0), "only CPU 0 is free");
     // CPU_IDLE on a committed CPU does not free it; the ack decides.
-    g.send(0, &[Message::CpuIdle { cpu: 0, ts_ns: 0 }]);
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
     rt.step();
-    assert_eq!(rt.view().cpus[0], CpuState::Committed(1));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
     g.send(0, &[ack(&r[0], AckStatus::Ok)]);
     rt.step();
-    assert_eq!(rt.view().cpus[0], CpuState::Running(1));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
     // Preempted: runnable again, CPU 0 freed, dispatched again.
     g.send(0, &[ev(TaskEventKind::Preempt, 0, 1, 3)]);
     rt.step();
@@ -601,29 +646,33 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
     g.send(
         0,
         &[
-            Message::TaskAffinity {
+            Message::TaskAffinity(AffinityInfo {
                 cpu: 0,
-                pid: 1,
+                gtid: gt(1),
                 seq: 5,
                 ts_ns: 0,
                 cpus_allowed: 0b10,
-            },
-            Message::TaskPriority {
+            }),
+            Message::TaskPriority(PriorityInfo {
                 cpu: 0,
-                pid: 1,
+                gtid: gt(1),
                 seq: 6,
                 ts_ns: 0,
                 weight: 250,
                 nice: -3,
-            },
+            }),
             ev(TaskEventKind::Blocked, 0, 1, 7),
         ],
     );
-    g.send(1, &[Message::CpuIdle { cpu: 1, ts_ns: 0 }]);
+    g.send(1, &[cpu_ev(CpuEventKind::Idle, 1, Gtid(0))]);
     rt.step();
-    let t = rt.view().task(1).unwrap();
+    let t = rt.view().task(gt(1)).unwrap();
     assert_eq!((t.cpus_allowed, t.weight, t.nice), (0b10, 250, -3));
-    assert_eq!(rt.view().cpus[0], CpuState::Idle, "blocking freed CPU 0");
+    assert_eq!(
+        rt.view().cpu_state(0),
+        CpuState::Idle,
+        "blocking freed CPU 0"
+    );
     g.send(0, &[ev(TaskEventKind::Wakeup, 0, 1, 8)]);
     rt.step();
     assert!(runs(&g.recv(0)).is_empty(), "CPU 0 is no longer allowed");
@@ -638,15 +687,15 @@ fn preempt_yield_affinity_priority_and_cpu_events() {
         ],
     );
     rt.step();
-    assert!(rt.view().task(1).is_none());
-    assert_eq!(rt.view().cpus[1], CpuState::Idle);
+    assert!(rt.view().task(gt(1)).is_none());
+    assert_eq!(rt.view().cpu_state(1), CpuState::Idle);
     assert_eq!(rt.metrics().stale_events, 0);
     let seen = seen.lock().unwrap();
     for want in [
-        PolicyEvent::TaskAffinity(1),
-        PolicyEvent::TaskPriority(1),
+        PolicyEvent::TaskAffinity(gt(1)),
+        PolicyEvent::TaskPriority(gt(1)),
         PolicyEvent::CpuBusy(1),
-        PolicyEvent::TaskDead(1),
+        PolicyEvent::TaskDead(gt(1)),
     ] {
         assert!(seen.contains(&want), "policy never saw {want:?}");
     }
@@ -723,7 +772,7 @@ fn device_pause_and_resume_mid_workload() {
     }) else {
         unreachable!()
     };
-    assert_eq!((d.pid, d.seq), (1, 5));
+    assert_eq!((d.gtid, d.seq), (gt(1), 5));
     let s = dev.reset().unwrap().unwrap();
     assert_eq!(s.metrics.decisions_run, 1, "no RUN for task 9: {s}");
     assert_eq!(
@@ -760,9 +809,9 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     // Nothing the runtime would send: an unknown pid, a stale seq, a CPU outside the
     // task's mask (CPU 1 while pid 5 may only use CPU 0).
     h.inject_decisions(&[
-        RawDecision::run(4242, 0, 1),
-        RawDecision::run(5, 0, 1),
-        RawDecision::run(5, 1, 2),
+        RawDecision::run(gt(4242), 0, 1),
+        RawDecision::run_pid(5, 0, 1),
+        RawDecision::run(gt(5), 1, 2),
     ]);
     let mut inj = Vec::new();
     while inj.len() < 3 {
@@ -776,8 +825,9 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     }
     inj.sort_by_key(|d| d.cookie);
     assert!(inj.iter().all(|d| d.cookie & INJECTED_COOKIE != 0));
-    let fields: Vec<_> = inj.iter().map(|d| (d.pid, d.cpu, d.seq)).collect();
-    assert_eq!(fields, [(4242, 0, 1), (5, 0, 1), (5, 1, 2)]);
+    let fields: Vec<_> = inj.iter().map(|d| (d.gtid, d.cpu, d.seq)).collect();
+    // run_pid resolved pid 5 to the task's gtid.
+    assert_eq!(fields, [(gt(4242), 0, 1), (gt(5), 0, 1), (gt(5), 1, 2)]);
     // The guest rejects them; it applies the real one.
     g.send(
         0,
@@ -799,25 +849,27 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
     };
     let m = &s.metrics;
     assert_eq!(m.injected, 3);
-    assert_eq!(m.injected_acks, [0, 1, 1, 1, 0]);
-    assert_eq!(m.acks, [1, 1, 1, 1, 0]);
+    assert_eq!(m.injected_acks, [0, 1, 1, 1, 0, 0]);
+    assert_eq!(m.acks, [1, 1, 1, 1, 0, 0]);
     assert_eq!(m.unmatched_acks, 0, "injected acks are not policy acks");
     assert_eq!(m.apply_latency.count(), 1, "the real RUN's ack is timed");
     assert!(s.to_string().contains("injected decisions: 3"), "{s}");
-    // The policy saw only its own decision's ack.
+    // The policy saw only its own decision's outcome.
     let acks: Vec<_> = seen
         .lock()
         .unwrap()
         .iter()
-        .filter(|e| matches!(e, PolicyEvent::Ack { .. }))
+        .filter(|e| matches!(e, PolicyEvent::Outcome { .. }))
         .copied()
         .collect();
     assert_eq!(
         acks,
-        [PolicyEvent::Ack {
-            pid: 5,
+        [PolicyEvent::Outcome {
+            id: virtio_milk::policy::DecisionId(real[0].cookie),
+            kind: DecisionKind::Run,
+            gtid: gt(5),
             cpu: 0,
-            status: AckStatus::Ok
+            outcome: Outcome::Acked(AckStatus::Ok),
         }]
     );
     // A silent stop sends no GOODBYE.
@@ -828,4 +880,460 @@ fn injected_decisions_bypass_validation_and_their_acks_are_counted_apart() {
         "{after:?}"
     );
     assert_eq!(rt.summary().metrics.injected, 3);
+}
+
+#[test]
+fn v1_guest_is_refused_with_goodbye_version_until_a_v2_hello() {
+    use virtio_milk::protocol::BYE_VERSION;
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let s1 = rt.session_id();
+    assert_eq!(session_records(&mut g), vec![("HELLO", s1)]);
+    // A v1 guest: same header layout, version byte 1 (its HELLO and a task event).
+    let mut hello = Message::Hello(SessionInfo::default()).encode();
+    hello[4] = 1;
+    let mut wake = ev(TaskEventKind::Wakeup, 0, 1, 2).encode();
+    wake[4] = 1;
+    g.send_raw(0, &[hello, wake]);
+    rt.step();
+    assert_eq!(rt.refused_version(), Some(1));
+    assert_eq!(rt.metrics().version_refusals, 1);
+    assert!(!rt.session_established());
+    let got = g.recv(0);
+    let byes: Vec<_> = got
+        .iter()
+        .filter_map(|m| match m {
+            Message::Goodbye(s) => Some(s.counter),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(byes, vec![BYE_VERSION], "one GOODBYE(BYE_VERSION)");
+    // More v1 records: no second refusal, nothing reaches the policy or the guest.
+    g.send_raw(0, &[hello]);
+    g.send(0, &[task_new(1, 1, 1), ev(TaskEventKind::Wakeup, 0, 1, 2)]);
+    rt.step();
+    assert_eq!(rt.metrics().version_refusals, 1);
+    assert!(g.recv(0).is_empty() && g.recv(1).is_empty());
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "policy saw a refused guest"
+    );
+    // The guest's driver is replaced by a v2 one: its HELLO starts a new session.
+    guest_hello(&mut g, 0);
+    rt.step();
+    assert_eq!(rt.refused_version(), None);
+    let s2 = rt.session_id();
+    assert!(s2 > s1);
+    assert_eq!(session_records(&mut g), vec![("HELLO", s2)]);
+}
+
+#[test]
+fn reused_pid_with_a_new_generation_is_another_task() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let old = Gtid::new(77, 1);
+    let new = Gtid::new(77, 2);
+    // The old task ran for a while (seq 9); the pid is reused by a new task (seq 1).
+    g.send(
+        0,
+        &[
+            task_new_gtid(old, 1, 1),
+            ev_gtid(TaskEventKind::Blocked, 0, old, 9),
+            task_new_gtid(new, 1, 1),
+        ],
+    );
+    rt.step();
+    assert!(rt.view().task(new).is_some(), "TASK_NEW seq 1 is not stale");
+    assert!(
+        rt.view().task(old).is_none(),
+        "the old generation is evicted"
+    );
+    assert_eq!(rt.metrics().pid_reuse, 1);
+    assert_eq!(rt.metrics().stale_events, 0);
+    // The old task's late TASK_DEAD does not delete the new one.
+    g.send(0, &[ev_gtid(TaskEventKind::Dead, 0, old, 10)]);
+    rt.step();
+    assert!(rt.view().task(new).is_some());
+    assert_eq!(rt.metrics().unknown_task_events, 1);
+    // DEPARTED removes a task without a death.
+    g.send(0, &[ev_gtid(TaskEventKind::Departed, 0, new, 2)]);
+    rt.step();
+    assert!(rt.view().task(new).is_none());
+    assert_eq!(rt.metrics().departed, 1);
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&PolicyEvent::TaskDead(old)));
+    assert!(seen.contains(&PolicyEvent::TaskDeparted(new)));
+    assert!(!seen.contains(&PolicyEvent::TaskDead(new)));
+}
+
+#[test]
+fn a_lost_ack_does_not_commit_a_cpu_forever() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup_with(
+        Box::new(p),
+        RuntimeConfig {
+            heartbeat: None,
+            ack_timeout: Duration::from_millis(50),
+            ack_grace: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!(r.len(), 1);
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
+    // The ack never comes. After ack_timeout the CPU is free and the task runnable again,
+    // so the policy sends it again (same seq: nothing newer happened).
+    std::thread::sleep(Duration::from_millis(60));
+    rt.step();
+    assert_eq!(rt.metrics().commit_timeouts, 1);
+    let again = runs(&g.recv(0));
+    assert_eq!(again.len(), 1, "task dispatched again after the timeout");
+    assert_eq!(again[0].seq, 2);
+    assert_ne!(again[0].cookie, r[0].cookie);
+    assert!(seen.lock().unwrap().iter().any(|e| matches!(
+        e,
+        PolicyEvent::Outcome {
+            outcome: Outcome::Lost,
+            ..
+        }
+    )));
+    // The first RUN's late OK ack is counted, not matched.
+    g.send(0, &[ack(&r[0], AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.metrics().unmatched_acks, 1);
+    assert_eq!(rt.metrics().late_ok_acks, 1);
+    assert_eq!(
+        rt.outstanding(),
+        1,
+        "the second RUN still waits for its ack"
+    );
+}
+
+#[test]
+fn cpu_events_resolve_old_commitments() {
+    let (p, _) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup_with(
+        Box::new(p),
+        RuntimeConfig {
+            heartbeat: None,
+            ack_timeout: Duration::from_secs(3600),
+            ack_grace: Duration::from_millis(20),
+            ..Default::default()
+        },
+    );
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    assert_eq!(r.len(), 1);
+    // A CPU_IDLE right away does not resolve the fresh commitment...
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Committed(gt(1)));
+    // ...one after ack_grace does: the guest went idle without running it.
+    std::thread::sleep(Duration::from_millis(30));
+    g.send(0, &[cpu_ev(CpuEventKind::Idle, 0, Gtid(0))]);
+    rt.step();
+    assert_eq!(rt.metrics().commits_resolved_by_cpu_event, 1);
+    assert_eq!(rt.outstanding(), 1, "the task was sent again");
+    assert_eq!(runs(&g.recv(0)).len(), 1);
+}
+
+#[test]
+fn fallback_running_and_dropped_acks_track_the_guest() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let r = runs(&g.recv(0));
+    // The kernel dropped the dispatch: not running, not runnable until its next event.
+    g.send(0, &[ack(&r[0], AckStatus::Dropped)]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Blocked);
+    assert_eq!(rt.view().cpu_state(0), CpuState::Idle);
+    assert!(runs(&g.recv(0)).is_empty());
+    // Its new event brings a new RUN, but the guest ran it itself first (fallback, seq
+    // bumped).
+    g.send(0, &[ev(TaskEventKind::Wakeup, 0, 1, 3)]);
+    rt.step();
+    g.send(0, &[ev(TaskEventKind::Fallback, 0, 1, 4)]);
+    rt.step();
+    let t = rt.view().task(gt(1)).unwrap();
+    assert_eq!((t.state, t.seq), (TaskState::Running(0), 4));
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.metrics().fallbacks_reported, 1);
+    // The RUN the wakeup caused comes back STALE: the task keeps running.
+    let r2 = runs(&g.recv(0));
+    assert_eq!(r2.len(), 1);
+    g.send(0, &[ack(&r2[0], AckStatus::Stale)]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().state, TaskState::Running(0));
+    assert!(seen.lock().unwrap().contains(&PolicyEvent::TaskRunning {
+        gtid: gt(1),
+        cpu: 0,
+        fallback: true
+    }));
+}
+
+/// Sends what it is told to, once, through the dispatcher; records what came back.
+struct Scripted {
+    script: Arc<Mutex<Vec<Decision>>>,
+    results: Arc<Mutex<Vec<Result<virtio_milk::policy::DecisionId, virtio_milk::policy::Reject>>>>,
+    seen: Arc<Mutex<Vec<PolicyEvent>>>,
+}
+
+impl Policy for Scripted {
+    fn name(&self) -> &str {
+        "scripted"
+    }
+    fn attach(&mut self, _: &SchedView) {}
+    fn on_event(&mut self, ev: &PolicyEvent, _: &SchedView) {
+        self.seen.lock().unwrap().push(*ev);
+    }
+    fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+        for dec in std::mem::take(&mut *self.script.lock().unwrap()) {
+            let r = d.submit(dec);
+            self.results.lock().unwrap().push(r);
+        }
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn scripted() -> (
+    Scripted,
+    Arc<Mutex<Vec<Decision>>>,
+    Arc<Mutex<Vec<Result<virtio_milk::policy::DecisionId, virtio_milk::policy::Reject>>>>,
+) {
+    let script = Arc::new(Mutex::new(Vec::new()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    (
+        Scripted {
+            script: script.clone(),
+            results: results.clone(),
+            seen: Arc::new(Mutex::new(Vec::new())),
+        },
+        script,
+        results,
+    )
+}
+
+#[test]
+fn staged_and_preempting_runs() {
+    use virtio_milk::policy::Reject;
+    use virtio_milk::protocol::RUN_F_PREEMPT;
+    let (p, script, results) = scripted();
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.recv(0);
+    // Task 1 runs on CPU 0; tasks 2, 3, 4 are runnable.
+    g.send(
+        0,
+        &[
+            task_new(1, 1, 0b01),
+            task_new(2, 1, 0b01),
+            task_new(3, 1, 0b01),
+            task_new(4, 1, 0b01),
+        ],
+    );
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Running, 0, 1, 2),
+            ev(TaskEventKind::Wakeup, 0, 2, 2),
+            ev(TaskEventKind::Wakeup, 0, 3, 2),
+            ev(TaskEventKind::Wakeup, 0, 4, 2),
+        ],
+    );
+    let run = |gtid, preempt| Decision::Run {
+        gtid,
+        cpu: 0,
+        slice_ns: 1_000_000,
+        preempt,
+    };
+    // Two RUNs staged behind the running task (max_staged 2), a third is refused.
+    *script.lock().unwrap() = vec![run(gt(2), false), run(gt(3), false), run(gt(4), false)];
+    rt.step();
+    {
+        let r = results.lock().unwrap();
+        assert!(r[0].is_ok() && r[1].is_ok(), "{r:?}");
+        assert_eq!(r[2], Err(Reject::CpuBusy));
+    }
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.view().pending_runs(0), 2);
+    assert_eq!(rt.metrics().decisions_staged, 2);
+    let staged = runs(&g.recv(0));
+    assert_eq!(staged.len(), 2);
+    assert!(staged
+        .iter()
+        .all(|d| d.flags == 0 && d.slice_ns == 1_000_000));
+    // Task 1 blocks; the guest dispatches the first staged RUN with no round trip.
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Blocked, 0, 1, 3),
+            ack(&staged[0], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(2)));
+    assert_eq!(rt.view().pending_runs(0), 1);
+    // Task 2 blocks too and task 3 (the second staged RUN) starts. A preempting RUN of
+    // task 4 carries F_PREEMPT; task 3 comes back preempted.
+    *script.lock().unwrap() = vec![run(gt(4), true)];
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Blocked, 0, 2, 3),
+            ack(&staged[1], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    let pre = runs(&g.recv(0));
+    assert_eq!(pre.len(), 1);
+    assert_eq!((pre[0].gtid, pre[0].flags), (gt(4), RUN_F_PREEMPT));
+    assert_eq!(rt.metrics().decisions_run_preempt, 1);
+    g.send(
+        0,
+        &[
+            ev(TaskEventKind::Preempt, 0, 3, 3),
+            ack(&pre[0], AckStatus::Ok),
+        ],
+    );
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(4)));
+    assert_eq!(rt.view().task(gt(3)).unwrap().state, TaskState::Runnable);
+    assert_eq!(rt.outstanding(), 0);
+}
+
+#[test]
+fn late_decisions_of_a_swapped_out_policy_are_stale() {
+    use virtio_milk::policy::Reject;
+    let (p, _, _) = scripted();
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    let old_epoch = rt.policy_epoch();
+    let run = Decision::Run {
+        gtid: gt(1),
+        cpu: 0,
+        slice_ns: 0,
+        preempt: false,
+    };
+    // Before the swap an external decision of the current policy goes through.
+    let id = rt.submit_external(old_epoch, run).expect("current epoch");
+    let sent = runs(&g.recv(0));
+    assert_eq!(sent[0].cookie, id.0);
+    let (p2, _) = TestPolicy::new("second");
+    let seen2 = p2.seen.clone();
+    rt.swap_policy(Box::new(p2));
+    assert_ne!(rt.policy_epoch(), old_epoch);
+    // A late decision of the old policy is refused; the ack of its earlier decision
+    // updates the tables but is not shown to the new policy as its own outcome.
+    assert_eq!(rt.submit_external(old_epoch, run), Err(Reject::StalePolicy));
+    assert_eq!(rt.metrics().stale_policy_decisions, 1);
+    g.send(0, &[ack(&sent[0], AckStatus::Ok)]);
+    rt.step();
+    assert_eq!(rt.view().cpu_state(0), CpuState::Running(gt(1)));
+    assert_eq!(rt.metrics().stale_policy_outcomes, 1);
+    assert!(!seen2
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| matches!(e, PolicyEvent::Outcome { .. })));
+}
+
+#[test]
+fn hello_carries_subscriptions_and_ticks_reach_the_policy() {
+    use virtio_milk::policy::Subscriptions;
+    use virtio_milk::protocol::{HELLO_F_RUNNING, HELLO_F_TICK};
+    struct Ticker(Arc<Mutex<Vec<PolicyEvent>>>);
+    impl Policy for Ticker {
+        fn name(&self) -> &str {
+            "ticker"
+        }
+        fn subscriptions(&self) -> Subscriptions {
+            Subscriptions {
+                tick_us: 2000,
+                running: true,
+            }
+        }
+        fn attach(&mut self, _: &SchedView) {}
+        fn on_event(&mut self, ev: &PolicyEvent, _: &SchedView) {
+            self.0.lock().unwrap().push(*ev);
+        }
+        fn schedule(&mut self, d: &mut Dispatcher<'_>) {
+            if d.view().task(gt(1)).is_some() && d.view().granted.tick_us > 0 {
+                // Be called back in 1 ms.
+                d.set_timer(d.now_ns() + 1_000_000, 7);
+            }
+        }
+    }
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (mut g, mut rt) = setup(Box::new(Ticker(seen.clone())));
+    rt.start_session();
+    let hello = g
+        .recv(0)
+        .into_iter()
+        .find_map(|m| match m {
+            Message::Hello(s) => Some(s),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(hello.flags, HELLO_F_TICK | HELLO_F_RUNNING);
+    assert_eq!(hello.tick_us, 2000);
+    // The guest grants ticks at 4 ms only, no TASK_RUNNING.
+    g.send(
+        0,
+        &[Message::Hello(SessionInfo {
+            session_id: hello.session_id,
+            flags: HELLO_F_TICK,
+            tick_us: 4000,
+            ..Default::default()
+        })],
+    );
+    rt.step();
+    assert_eq!(rt.view().granted.tick_us, 4000);
+    assert!(!rt.view().granted.running);
+    let mut tick = cpu_ev(CpuEventKind::Tick, 0, gt(1));
+    if let Message::Cpu(_, e) = &mut tick {
+        e.runtime_ns = 5_000_000;
+        e.slice_ns = 100;
+    }
+    g.send(0, &[task_new(1, 1, 1), tick]);
+    rt.step();
+    assert_eq!(rt.view().task(gt(1)).unwrap().runtime_ns, 5_000_000);
+    assert_eq!(rt.metrics().ticks, 1);
+    // The timer set while scheduling fires after 1 ms.
+    std::thread::sleep(Duration::from_millis(2));
+    rt.step();
+    assert!(rt.metrics().timers_fired >= 1);
+    let seen = seen.lock().unwrap();
+    assert!(seen.contains(&PolicyEvent::Tick {
+        cpu: 0,
+        gtid: gt(1),
+        runtime_ns: 5_000_000,
+        slice_ns: 100
+    }));
+    assert!(seen
+        .iter()
+        .any(|e| matches!(e, PolicyEvent::Timer { token: 7, .. })));
 }

@@ -89,25 +89,12 @@ pub enum VmmError {
         /// The error.
         err: std::io::Error,
     },
-    /// The QEMU engine failed.
-    #[error("QEMU engine: {0}")]
-    Qemu(#[from] milk_harness::HarnessError),
-    /// The QEMU engine with virtio-milk (ivshmem transport, host policy) failed.
-    #[error("QEMU engine with virtio-milk: {0}")]
-    Milk(milk_ivshmem::session::SessionError),
     /// The virtio-milk device under KVM failed.
     #[error("virtio-milk device: {0}")]
     MilkDevice(#[from] virtio_milk::device::DeviceError),
-}
-
-impl From<milk_ivshmem::session::SessionError> for VmmError {
-    fn from(e: milk_ivshmem::session::SessionError) -> Self {
-        match e {
-            // Keep the harness's exit-code mapping (timeout, QEMU missing, ...).
-            milk_ivshmem::session::SessionError::Harness(h) => VmmError::Qemu(h),
-            e => VmmError::Milk(e),
-        }
-    }
+    /// The out-of-process policy (--policy-socket) is unreachable or unusable.
+    #[error("policy daemon: {0}")]
+    PolicyDaemon(#[from] crate::devices::virtio::vhost_user::VhostUserDeviceError),
 }
 
 impl VmmError {
@@ -125,7 +112,6 @@ impl VmmError {
 
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
-        use milk_harness::HarnessError as H;
         match self {
             VmmError::InvalidConfig(_) | VmmError::Cmdline(_) => exit_code::USAGE,
             VmmError::Input { .. } => exit_code::NO_INPUT,
@@ -133,26 +119,14 @@ impl VmmError {
                 exit_code::NO_INPUT
             }
             VmmError::Boot(_) => exit_code::DATA,
-            VmmError::KvmUnavailable(_) | VmmError::MissingCapabilities(_) => {
-                exit_code::UNAVAILABLE
-            }
+            VmmError::KvmUnavailable(_)
+            | VmmError::MissingCapabilities(_)
+            | VmmError::PolicyDaemon(_) => exit_code::UNAVAILABLE,
             VmmError::SerialLog { .. } => exit_code::CANT_CREATE,
             VmmError::Memory(_) | VmmError::Kvm { .. } | VmmError::Cpu(_) | VmmError::Io { .. } => {
                 exit_code::SOFTWARE
             }
-            VmmError::Milk(milk_ivshmem::session::SessionError::Policy(_)) => exit_code::USAGE,
-            VmmError::Milk(_) | VmmError::MilkDevice(_) => exit_code::SOFTWARE,
-            VmmError::Qemu(h) => match h {
-                H::QemuMissing => exit_code::UNAVAILABLE,
-                H::BadInput(..) => exit_code::NO_INPUT,
-                H::BadSpec(_) => exit_code::USAGE,
-                H::Timeout { .. } => exit_code::TIMEOUT,
-                H::SerialLog(..) => exit_code::CANT_CREATE,
-                H::Qemu(_) => exit_code::SOFTWARE,
-                // Variants the harness may add later.
-                #[allow(unreachable_patterns)]
-                _ => exit_code::SOFTWARE,
-            },
+            VmmError::MilkDevice(_) => exit_code::SOFTWARE,
         }
     }
 }
@@ -170,12 +144,10 @@ mod tests {
         };
         let data = VmmError::Boot(BootError::KernelTooShort("k".into()));
         let unavailable = VmmError::KvmUnavailable("no".into());
-        let qemu_missing = VmmError::Qemu(milk_harness::HarnessError::QemuMissing);
         assert_eq!(usage.exit_code(), 64);
         assert_eq!(input.exit_code(), 66);
         assert_eq!(data.exit_code(), 65);
         assert_eq!(unavailable.exit_code(), 69);
-        assert_eq!(qemu_missing.exit_code(), 69);
         assert!(input.to_string().contains("/nope: missing"));
     }
 }

@@ -1,5 +1,6 @@
 //! milk-vmm: a small rust-vmm based VMM that boots the MiLK guest under KVM,
-//! with a virtio-mmio bus and a QEMU TCG fallback engine.
+//! with a virtio-mmio bus. The `milk-vmm` binary is a thin front over this
+//! library and `milk-launcher` (engine choice, the QEMU TCG engine).
 //!
 //! Module map (Firecracker style):
 //! - [`layout`]: every fixed guest address, IRQ and port.
@@ -16,7 +17,6 @@ pub mod boot;
 pub mod cmdline;
 pub mod cpu;
 pub mod devices;
-pub mod engine;
 pub mod error;
 pub mod exit;
 pub mod layout;
@@ -24,7 +24,6 @@ pub mod memory;
 pub mod vcpu;
 pub mod vmm;
 
-pub use engine::{choose_engine, detect_kvm, Engine, EngineChoice, KvmSupport};
 pub use error::{exit_code, VmmError};
 pub use exit::ExitReason;
 pub use vmm::{Vm, VmConfig, VmOutcome};

@@ -1,16 +1,20 @@
 //! `milk-vmm`: boot a MiLK guest under KVM (or QEMU TCG where KVM cannot run it).
+//!
+//! The thin front: command line, engine choice and QEMU runs (`milk-launcher`), the KVM
+//! VMM (this package's library), the control socket (`milk-control`), and one outcome
+//! ([`milk_launcher::Run`]) whatever ran the guest.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use milk_control::{ControlServer, VmControl};
-use milk_vmm::engine::StopFn;
-use milk_vmm::{
-    choose_engine, detect_kvm, exit_code, Engine, EngineChoice, ExitReason, Vm, VmConfig,
-};
+use milk_launcher::{choose_engine, detect_kvm, End, Engine, EngineChoice, Run, StopFn};
+use milk_policy_daemon::frontend::FrontendSlot;
+use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
+use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
 use virtio_milk::control::PolicyControl;
 
 const EXAMPLES: &str = "\
@@ -28,7 +32,7 @@ Examples:
 
   # With a control socket; from another shell swap the policy live.
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock
-  milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
+  milkctl --api-sock /tmp/milk.sock swap rr
 
 Exit status: the guest's `MILK-RESULT status=<n>`; 0 after `milkctl stop`; otherwise 64 invalid
 arguments, 65 unusable kernel/initramfs, 66 missing/unreadable input,
@@ -78,6 +82,13 @@ struct Cli {
     /// /run/milk/milk-vmm-<pid>.sock; the path is printed at start.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
+    /// Out-of-process policy: attach the virtio-milk device and hand its queues to the
+    /// `milk-policy` daemon listening on this vhost-user socket (both engines; see
+    /// docs/vhost-user.md). A daemon that dies is noticed, the guest falls back to CFS,
+    /// and a daemon started again on the same path is reconnected; `milkctl swap --socket
+    /// NEW` hands the queues to another daemon.
+    #[arg(long, value_name = "PATH", conflicts_with = "policy")]
+    policy_socket: Option<PathBuf>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -130,20 +141,39 @@ impl Api {
         Ok(())
     }
 
-    fn stop_requested(&self) -> bool {
-        self.vm.as_ref().is_some_and(|v| v.stop_requested())
+    /// Lets `milkctl swap --socket` reach the vhost-user frontend.
+    fn set_remote(&self, slot: FrontendSlot) {
+        if let Some(vm) = &self.vm {
+            vm.set_remote_swap(Arc::new(SocketSwap(slot)));
+        }
     }
 }
+
+type NewVm = (Vm, Option<MilkControl>, Option<FrontendSlot>);
 
 fn new_vm(
     config: VmConfig,
     echo_device: bool,
     policy: Option<&str>,
-) -> Result<(Vm, Option<MilkControl>), milk_vmm::VmmError> {
+    policy_socket: Option<&Path>,
+) -> Result<NewVm, milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
     if echo_device {
-        let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+        #[cfg(feature = "test-devices")]
+        {
+            let (dev, _stats) = milk_vmm::devices::virtio::echo::EchoDevice::new();
+            vm.add_virtio_device(Box::new(dev))?;
+        }
+        #[cfg(not(feature = "test-devices"))]
+        return Err(milk_vmm::VmmError::InvalidConfig(
+            "--echo-device needs milk-vmm built with the test-devices feature".into(),
+        ));
+    }
+    let mut slot = None;
+    if let Some(path) = policy_socket {
+        let dev = VhostUserMilkDevice::new(path, cpus)?;
+        slot = Some(dev.handle());
         vm.add_virtio_device(Box::new(dev))?;
     }
     let mut control = None;
@@ -159,13 +189,19 @@ fn new_vm(
         vm.add_virtio_device(Box::new(dev))?;
         control = Some(c);
     }
-    Ok((vm, control))
+    Ok((vm, control, slot))
 }
 
 type MilkControl = milk_vmm::devices::virtio::milk::MilkControl;
 
-fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>, api: &mut Api) -> i32 {
-    let (mut vm, control) = match new_vm(config, echo_device, policy) {
+fn run_kvm(
+    config: VmConfig,
+    echo_device: bool,
+    policy: Option<&str>,
+    policy_socket: Option<&Path>,
+    api: &mut Api,
+) -> i32 {
+    let (mut vm, control, slot) = match new_vm(config, echo_device, policy, policy_socket) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
@@ -193,17 +229,42 @@ fn run_kvm(config: VmConfig, echo_device: bool, policy: Option<&str>, api: &mut 
         eprintln!("milk-vmm: {e}");
         return exit_code::USAGE;
     }
+    if let Some(s) = slot {
+        api.set_remote(s);
+    }
     let result = vm.run();
     // The VM and its devices are gone: every runtime summary is in.
-    if let Some(c) = control {
-        print_summaries(&c.summaries());
-    }
     match result {
-        Ok(outcome) => milk_vmm::vmm::outcome_exit_code(&outcome),
+        Ok(outcome) => Run {
+            engine: Engine::Kvm,
+            end: kvm_end(&outcome),
+            summaries: control.map(|c| c.summaries()),
+        }
+        .report(),
         Err(e) => {
+            if let Some(c) = control {
+                for s in c.summaries() {
+                    println!("{s}");
+                }
+            }
             eprintln!("milk-vmm: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// How a KVM run ended, in the launcher's terms.
+fn kvm_end(o: &VmOutcome) -> End {
+    if let Some(s) = o.result {
+        return End::Result(s);
+    }
+    match &o.exit {
+        r if r.is_clean() => End::NoResult(r.to_string()),
+        ExitReason::Timeout => End::Timeout,
+        ExitReason::Signal(s) => End::Signal(*s),
+        ExitReason::GuestFault(w) => End::GuestFault(w.clone()),
+        ExitReason::Stopped => End::Stopped,
+        other => End::Failed(other.to_string()),
     }
 }
 
@@ -214,18 +275,9 @@ fn policy_help() -> String {
          host-side policy; a summary (messages, decisions, rejections, fallbacks, \
          event -> decision latency) is printed at exit. Under QEMU guest memory is limited \
          to {} MiB. Known policies: {}",
-        milk_vmm::engine::QEMU_MILK_MAX_MEMORY_MIB,
+        milk_launcher::QEMU_MILK_MAX_MEMORY_MIB,
         milk_policies::names().join(", ")
     )
-}
-
-fn print_summaries(summaries: &[virtio_milk::metrics::Summary]) {
-    if summaries.is_empty() {
-        println!("virtio-milk summary: the guest driver never started the device");
-    }
-    for s in summaries {
-        println!("{s}");
-    }
 }
 
 fn main() -> ExitCode {
@@ -239,7 +291,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> i32 {
     if let Some(p) = &cli.policy {
-        if let Err(e) = milk_vmm::engine::check_policy(p) {
+        if let Err(e) = milk_launcher::qemu::check_policy(p) {
             eprintln!("milk-vmm: {e}");
             return e.exit_code();
         }
@@ -285,40 +337,47 @@ fn run(cli: Cli) -> i32 {
         server: None,
         vm: None,
     };
-    let mut on_start =
-        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
-    let status = match engine {
-        Engine::Qemu if cli.policy.is_some() => {
-            let policy = cli.policy.as_deref().unwrap_or_default();
-            match milk_vmm::engine::run_qemu_milk(&config, policy, &mut on_start) {
-                Ok(run) => {
-                    print_summaries(&run.summaries);
-                    run.result.ok_or(())
-                }
-                Err(e) => {
-                    eprintln!("milk-vmm: {e}");
-                    return e.exit_code();
-                }
-            }
-        }
-        Engine::Qemu => match milk_vmm::engine::run_qemu(&config, &mut on_start) {
-            Ok(r) => r.ok_or(()),
+    if engine == Engine::Kvm {
+        return run_kvm(
+            config,
+            cli.echo_device,
+            cli.policy.as_deref(),
+            cli.policy_socket.as_deref(),
+            &mut api,
+        );
+    }
+    let guest = milk_launcher::GuestConfig {
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cmdline: config.cmdline.clone(),
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        serial_log: config.serial_log.clone(),
+        echo_console: config.echo_console,
+        timeout: config.timeout,
+        policy: cli.policy.clone(),
+    };
+    if let Some(sock) = &cli.policy_socket {
+        let mut on_start = |slot: FrontendSlot, stop: StopFn| {
+            api.open("qemu", None, stop)?;
+            api.set_remote(slot);
+            Ok(())
+        };
+        return match milk_launcher::run_qemu_vhost_user(&guest, sock, &mut on_start) {
+            Ok(run) => run.report(),
             Err(e) => {
                 eprintln!("milk-vmm: {e}");
-                return e.exit_code();
+                e.exit_code()
             }
-        },
-        Engine::Kvm => return run_kvm(config, cli.echo_device, cli.policy.as_deref(), &mut api),
-    };
-    match status {
-        Ok(s) => s,
-        Err(()) if api.stop_requested() => {
-            eprintln!("milk-vmm: stopped on request");
-            0
-        }
-        Err(()) => {
-            eprintln!("milk-vmm: guest ended without a MILK-RESULT line");
-            exit_code::NO_RESULT
+        };
+    }
+    let mut on_start =
+        |device: Option<Arc<dyn PolicyControl>>, stop: StopFn| api.open("qemu", device, stop);
+    match milk_launcher::run_qemu(&guest, &mut on_start) {
+        Ok(run) => run.report(),
+        Err(e) => {
+            eprintln!("milk-vmm: {e}");
+            e.exit_code()
         }
     }
 }

@@ -18,7 +18,7 @@
  */
 #include <stdint.h>
 
-#define VIRTIO_MILK_FORCE_FALLBACK_TYPES
+/* <linux/types.h> (the uapi typedefs) is all the header needs, freestanding too. */
 #include "virtio_milk.h"
 
 #define COM1 0x3f8
@@ -248,6 +248,8 @@ static void finish(int status)
 
 #define MQ 8 /* entries per milk queue */
 #define FAKE_PID 4242u
+#define FAKE_GEN 1u
+#define FAKE_GTID (((__u64)FAKE_GEN << 32) | FAKE_PID)
 #define SPIN_LIMIT 20000000ul
 
 struct milk_vq {
@@ -426,7 +428,7 @@ static void milk_test(void)
 
 	memset(&r, 0, sizeof(r));
 	hdr(&r.hdr, VIRTIO_MILK_MSG_TASK_NEW);
-	r.task_new.pid = FAKE_PID;
+	r.task_new.gtid = FAKE_GTID;
 	r.task_new.tgid = FAKE_PID;
 	r.task_new.seq = 1;
 	memcpy(r.task_new.comm, "fake-task", 9);
@@ -436,13 +438,16 @@ static void milk_test(void)
 
 	memset(&r, 0, sizeof(r));
 	hdr(&r.hdr, VIRTIO_MILK_MSG_TASK_WAKEUP);
-	r.event.pid = FAKE_PID;
+	r.event.gtid = FAKE_GTID;
 	r.event.seq = 2;
+	r.event.arg = VIRTIO_MILK_WAKE_NEW;
 	send_record(&r);
 
 	WAIT_FOR(131, milk_runs > 0, "no RUN decision from the host");
 	puts("milk: RUN pid=");
-	putdec(milk_run.pid);
+	putdec(VIRTIO_MILK_GTID_PID(milk_run.gtid));
+	puts(" gen=");
+	putdec(VIRTIO_MILK_GTID_GEN(milk_run.gtid));
 	puts(" cpu=");
 	putdec(milk_run.hdr.cpu);
 	puts(" seq=");
@@ -450,13 +455,13 @@ static void milk_test(void)
 	puts(" slice_ns=");
 	putdec(milk_run.slice_ns);
 	puts("\n");
-	CHECK(132, milk_run.pid == FAKE_PID, "RUN for another task");
+	CHECK(132, milk_run.gtid == FAKE_GTID, "RUN for another task");
 	CHECK(133, milk_run.hdr.cpu == 0, "RUN on another CPU");
 	CHECK(134, milk_run.seq == 2, "RUN with the wrong seq");
 
 	memset(&r, 0, sizeof(r));
 	hdr(&r.hdr, VIRTIO_MILK_MSG_ACK);
-	r.ack.pid = milk_run.pid;
+	r.ack.gtid = milk_run.gtid;
 	r.ack.status = VIRTIO_MILK_ACK_OK;
 	r.ack.seq = milk_run.seq;
 	r.ack.cookie = milk_run.cookie;

@@ -247,7 +247,7 @@ fn invalid_cmdline_and_policy() {
         expect_error(
             &["--kernel", k, "--engine", engine, "--policy", "../evil"],
             64,
-            "unknown --policy \"../evil\" (known: fifo",
+            "unknown --policy \"../evil\" (known: fifo, rr)",
             dir.path(),
         );
     }
@@ -312,13 +312,13 @@ fn engine_choice_is_logged_once() {
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines = stderr.lines().filter(|l| l.contains("engine:")).count();
-    match milk_vmm::detect_kvm() {
-        milk_vmm::KvmSupport::Pvm => {
+    match milk_launcher::detect_kvm() {
+        milk_launcher::KvmSupport::Pvm => {
             assert_eq!(lines, 1, "{stderr}");
             assert!(stderr.contains("kvm_pvm"));
         }
-        milk_vmm::KvmSupport::Standard => assert_eq!(lines, 0, "{stderr}"),
-        milk_vmm::KvmSupport::Missing(_) => assert_eq!(out.status.code(), Some(69)),
+        milk_launcher::KvmSupport::Standard => assert_eq!(lines, 0, "{stderr}"),
+        milk_launcher::KvmSupport::Missing(_) => assert_eq!(out.status.code(), Some(69)),
     }
 }
 
@@ -346,7 +346,7 @@ fn qemu_engine_runs_the_same_guest() {
         ]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        if engine == "auto" && milk_vmm::detect_kvm() == milk_vmm::KvmSupport::Standard {
+        if engine == "auto" && milk_launcher::detect_kvm() == milk_launcher::KvmSupport::Standard {
             // Auto picks KVM there; the guest (no echo device) reports step 10 too.
             assert_eq!(out.status.code(), Some(10), "{stderr}");
             continue;
@@ -433,4 +433,23 @@ fn timeout_and_signals_stop_a_hung_guest() {
     assert!(stderr.contains("signal 15"), "{stderr}");
     assert!(!stderr.contains("panicked"));
     assert_no_leftovers(dir.path());
+}
+
+#[test]
+fn launcher_and_vmm_share_one_exit_code_table() {
+    use milk_launcher::exit_code as l;
+    use milk_vmm::exit_code as v;
+    for (a, b) in [
+        (l::USAGE, v::USAGE),
+        (l::NO_INPUT, v::NO_INPUT),
+        (l::UNAVAILABLE, v::UNAVAILABLE),
+        (l::SOFTWARE, v::SOFTWARE),
+        (l::GUEST_FAULT, v::GUEST_FAULT),
+        (l::CANT_CREATE, v::CANT_CREATE),
+        (l::NO_RESULT, v::NO_RESULT),
+        (l::TIMEOUT, v::TIMEOUT),
+        (l::SIGNAL_BASE, v::SIGNAL_BASE),
+    ] {
+        assert_eq!(a, b);
+    }
 }

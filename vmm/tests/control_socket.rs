@@ -57,7 +57,8 @@ impl Vmm {
         }
     }
 
-    /// Waits for a stdout line containing `needle`.
+    /// Waits for a stdout line containing `needle` (starting with it, for `CTL-` markers,
+    /// which the kernel's command line echo also contains).
     fn wait_line(&mut self, needle: &str, timeout: Duration) -> String {
         let end = Instant::now() + timeout;
         loop {
@@ -65,7 +66,12 @@ impl Vmm {
             match self.lines.recv_timeout(left) {
                 Ok(l) => {
                     self.seen.push(l.clone());
-                    if l.contains(needle) {
+                    let hit = if needle.starts_with("CTL-") {
+                        l.starts_with(needle)
+                    } else {
+                        l.contains(needle)
+                    };
+                    if hit {
                         return l;
                     }
                 }

@@ -47,12 +47,12 @@ fn cli_kvm_policy_fifo_round_trip() {
     // Guest side.
     assert!(stdout.contains("virtio-milk device"), "{stdout}");
     assert!(
-        stdout.contains("milk: config num_cpus=1 version=1 record_size=64"),
+        stdout.contains("milk: config num_cpus=1 version=2 record_size=64"),
         "{stdout}"
     );
     assert!(stdout.contains("milk: host HELLO, policy fifo"), "{stdout}");
     assert!(
-        stdout.contains("milk: RUN pid=4242 cpu=0 seq=2 "),
+        stdout.contains("milk: RUN pid=4242 gen=1 cpu=0 seq=2 "),
         "the guest saw the RUN with the task's seq:\n{stdout}"
     );
     assert!(stdout.contains("milk: round trip ok"), "{stdout}");

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use milk_vmm::{detect_kvm, KvmSupport};
+use milk_launcher::{detect_kvm, KvmSupport};
 
 const BIN: &str = env!("CARGO_BIN_EXE_milk-vmm");
 

@@ -117,7 +117,7 @@ fn fifo_policy_run(engine: &str) {
         .unwrap()
         .contains("MILK-RESULT status=0"));
     if engine == "auto" {
-        let kvm_runs_it = milk_vmm::detect_kvm() == milk_vmm::KvmSupport::Standard;
+        let kvm_runs_it = milk_launcher::detect_kvm() == milk_launcher::KvmSupport::Standard;
         assert_eq!(
             stderr.contains("running the guest under QEMU TCG"),
             !kvm_runs_it,

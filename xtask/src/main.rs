@@ -83,10 +83,16 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    let cli = Cli::parse();
+    // compare prints its own progress; the per-boot transport logs would bury it.
+    let level = if matches!(cli.cmd, Cmd::Compare(_)) {
+        "warn"
+    } else {
+        "info"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level))
         .format_timestamp(None)
         .init();
-    let cli = Cli::parse();
     match run(cli.cmd) {
         Ok(code) => code,
         Err(e) => {
@@ -189,11 +195,11 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             Ok(exit_for(&out))
         }
         Cmd::Reproducible { record } => reproducible(record),
-        Cmd::Nested(a) => nested::run(a, &workspace_root()),
         Cmd::Compare(args) => {
             compare::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Nested(a) => nested::run(a, &workspace_root()),
     }
 }
 

@@ -34,7 +34,7 @@ pub struct NestedArgs {
     pub args: Vec<String>,
 }
 
-fn build_vmm(root: &std::path::Path, debug: bool) -> Result<PathBuf, String> {
+pub(crate) fn build_vmm(root: &std::path::Path, debug: bool) -> Result<PathBuf, String> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.args(["build", "-q", "-p", "milk-vmm", "--bins"])

@@ -76,7 +76,7 @@ mod imp {
 
         fn run(&self, cfg: &RunConfig) -> Result<RunResult, ChanError> {
             let policy = milk_policies::by_name("fifo")
-                .ok_or_else(|| ChanError::Unavailable("milk-policies has no fifo policy".into()))?;
+                .map_err(|e| ChanError::Unavailable(e.to_string()))?;
             let lcfg = LoopbackConfig {
                 // Four guest CPUs (queue pairs), one task each: no task
                 // queues behind another, so a sample is one channel round

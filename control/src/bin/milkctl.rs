@@ -12,6 +12,7 @@ const EXAMPLES: &str = "\
 Examples:
   milk-vmm --kernel vmlinux --initrd initramfs.cpio.gz --policy fifo --api-sock /tmp/milk.sock &
   milkctl --api-sock /tmp/milk.sock status
+  milkctl --api-sock /tmp/milk.sock swap rr
   milkctl --api-sock /tmp/milk.sock swap fifo:slice_us=2000
   milkctl --api-sock /tmp/milk.sock metrics --json
   milkctl --api-sock /tmp/milk.sock pause     # the guest falls back to CFS
@@ -46,7 +47,7 @@ enum Cmd {
     Policies,
     /// Replace the running policy without rebooting the guest.
     Swap {
-        /// NAME[:PARAMS], e.g. fifo or fifo:slice_us=2000.
+        /// NAME[:PARAMS], e.g. rr or fifo:slice_us=2000.
         #[arg(value_name = "NAME[:PARAMS]", required_unless_present = "socket")]
         policy: Option<String>,
         /// Hand the queues to the policy daemon at this vhost-user socket instead.

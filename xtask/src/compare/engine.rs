@@ -6,8 +6,10 @@ use std::time::{Duration, Instant};
 
 use milk_harness::GuestSpec;
 use milk_ivshmem::session::{run_milk_guest, MilkGuestConfig};
-use virtio_milk::metrics::Summary;
+use milk_l1_host::image::Binaries;
+use milk_l1_host::runner::{mode_for_host, Mode, RunOptions, Runner};
 
+use super::stats::HostCounts;
 use super::workload::{fields, last_line};
 
 /// A guest scheduler configuration.
@@ -52,10 +54,13 @@ impl Scheduler {
     }
 }
 
+/// The guest the engines boot.
 #[derive(Debug, Clone)]
 pub struct Guest {
-    /// The PVH vmlinux.
+    /// The PVH vmlinux (QEMU).
     pub vmlinux: PathBuf,
+    /// The bzImage (milk-vmm on KVM).
+    pub bzimage: PathBuf,
     /// The test initramfs (rt-tests included).
     pub initrd: PathBuf,
 }
@@ -67,10 +72,21 @@ pub struct Boot {
     pub console: Vec<String>,
     /// The guest command's exit status (`MILK-RESULT`).
     pub status: Option<i32>,
-    /// Host runtime summaries (milk runs).
-    pub summaries: Vec<Summary>,
+    /// The host runtime's counters (milk runs, when the engine has them).
+    pub host: Option<HostCounts>,
     /// Wall time of the boot.
     pub wall: Duration,
+}
+
+/// One boot to make.
+#[derive(Debug, Clone)]
+pub struct BootRequest {
+    /// The scheduler.
+    pub sched: Scheduler,
+    /// The kernel command line (carries `milk.run=`).
+    pub cmdline: String,
+    /// Where the console goes.
+    pub log: PathBuf,
 }
 
 /// One way to boot the guest.
@@ -79,16 +95,22 @@ pub trait Engine {
     fn name(&self) -> &'static str;
     /// Why this engine cannot run here (None: it can).
     fn unavailable(&self) -> Option<String>;
-    /// Boots `guest` under `sched` with `cmdline` (which carries `milk.run=`),
-    /// writing the console to `log`.
-    fn boot(
+    /// Boots `guest` as `req` says.
+    fn boot(&self, guest: &Guest, req: &BootRequest, timeout: Duration) -> Result<Boot, String>;
+    /// Boots every request in order, calling `done` with each result as it
+    /// is known. An engine with a per-batch cost (the nested L1) overrides
+    /// this to pay it once.
+    fn boot_all(
         &self,
         guest: &Guest,
-        sched: &Scheduler,
-        cmdline: &str,
+        reqs: &[BootRequest],
         timeout: Duration,
-        log: &Path,
-    ) -> Result<Boot, String>;
+        done: &mut dyn FnMut(usize, Result<Boot, String>),
+    ) {
+        for (i, r) in reqs.iter().enumerate() {
+            done(i, self.boot(guest, r, timeout));
+        }
+    }
 }
 
 /// QEMU TCG; milk runs get virtio-milk over ivshmem with the host policy in
@@ -104,20 +126,14 @@ impl Engine for QemuEngine {
         (!milk_harness::qemu_available()).then(|| format!("{} not found", milk_harness::QEMU))
     }
 
-    fn boot(
-        &self,
-        guest: &Guest,
-        sched: &Scheduler,
-        cmdline: &str,
-        timeout: Duration,
-        log: &Path,
-    ) -> Result<Boot, String> {
+    fn boot(&self, guest: &Guest, req: &BootRequest, timeout: Duration) -> Result<Boot, String> {
+        let (sched, cmdline) = (&req.sched, req.cmdline.as_str());
         let mut spec = GuestSpec::new(&guest.vmlinux);
         spec.initrd = Some(guest.initrd.clone());
         spec.cpus = 2;
         spec.memory_mib = 256;
         spec.timeout = timeout;
-        spec.serial_log = Some(log.to_path_buf());
+        spec.serial_log = Some(req.log.clone());
         spec.cmdline = match sched {
             Scheduler::TestFifo => format!("scx_test_fifo {cmdline}"),
             _ => cmdline.to_string(),
@@ -129,7 +145,7 @@ impl Engine for QemuEngine {
                 Ok(Boot {
                     status: out.result.map(|r| r.status),
                     console: out.console,
-                    summaries: Vec::new(),
+                    host: None,
                     wall: start.elapsed(),
                 })
             }
@@ -139,7 +155,7 @@ impl Engine for QemuEngine {
                 Ok(Boot {
                     status: run.status(),
                     console: run.outcome.console,
-                    summaries: run.summaries,
+                    host: HostCounts::from_summaries(&run.summaries),
                     wall: start.elapsed(),
                 })
             }
@@ -147,9 +163,156 @@ impl Engine for QemuEngine {
     }
 }
 
-/// Every engine, in table order. A new engine (nested KVM) is added here.
-pub fn engines() -> Vec<Box<dyn Engine>> {
-    vec![Box::new(QemuEngine)]
+/// milk-vmm's KVM engine on real KVM: inside the nested L1 host (QEMU TCG
+/// with emulated AMD SVM) here, directly where `/dev/kvm` has VMX/SVM
+/// (`milk_l1_host::runner`). milk runs use virtio-milk over virtio-mmio
+/// with `--policy`; one L1 boot serves a whole batch of guest boots.
+pub struct NestedEngine {
+    /// The workspace (to build milk-vmm).
+    pub root: PathBuf,
+}
+
+impl NestedEngine {
+    fn args(
+        guest: &Guest,
+        runner: &mut Runner,
+        req: &BootRequest,
+        timeout: Duration,
+    ) -> Vec<String> {
+        let mut a = vec![
+            "--kernel".to_string(),
+            runner.file(&guest.bzimage),
+            "--initrd".into(),
+            runner.file(&guest.initrd),
+            "--engine".into(),
+            "kvm".into(),
+            "--cpus".into(),
+            "2".into(),
+            "--memory".into(),
+            "256".into(),
+            "--timeout".into(),
+            timeout.as_secs().to_string(),
+        ];
+        let cmdline = match &req.sched {
+            Scheduler::TestFifo => format!("scx_test_fifo {}", req.cmdline),
+            _ => req.cmdline.clone(),
+        };
+        a.extend(["--cmdline".into(), cmdline]);
+        if let Scheduler::Milk(p) = &req.sched {
+            a.extend(["--policy".into(), p.clone()]);
+        }
+        a
+    }
+}
+
+impl Engine for NestedEngine {
+    fn name(&self) -> &'static str {
+        "nested-kvm"
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        match mode_for_host() {
+            Mode::Direct => None,
+            Mode::Nested => (!milk_harness::qemu_available()).then(|| {
+                format!(
+                    "{} not found (the L1 host runs under it)",
+                    milk_harness::QEMU
+                )
+            }),
+        }
+    }
+
+    fn boot(&self, guest: &Guest, req: &BootRequest, timeout: Duration) -> Result<Boot, String> {
+        let mut out = Err("no result".to_string());
+        self.boot_all(guest, std::slice::from_ref(req), timeout, &mut |_, r| {
+            out = r
+        });
+        out
+    }
+
+    fn boot_all(
+        &self,
+        guest: &Guest,
+        reqs: &[BootRequest],
+        timeout: Duration,
+        done: &mut dyn FnMut(usize, Result<Boot, String>),
+    ) {
+        let fail_all = |done: &mut dyn FnMut(usize, Result<Boot, String>), why: String| {
+            for i in 0..reqs.len() {
+                done(i, Err(why.clone()));
+            }
+        };
+        let vmm = match crate::nested::build_vmm(&self.root, false) {
+            Ok(v) => v,
+            Err(e) => return fail_all(done, e),
+        };
+        let mut runner = Runner::new(mode_for_host(), Binaries::beside(&vmm));
+        for r in reqs {
+            let args = Self::args(guest, &mut runner, r, timeout);
+            if let Err(e) = runner.vmm_step(&args) {
+                return fail_all(done, e.to_string());
+            }
+        }
+        let work = milk_guest_kernel::cache_dir()
+            .join("nested")
+            .join(format!("compare-{}", std::process::id()));
+        let mut opts = RunOptions::new(&work);
+        // The L1's own boot plus every guest's limit.
+        opts.timeout = Duration::from_secs(120) + timeout * reqs.len() as u32;
+        let started = Instant::now();
+        let result = runner.run(&opts, &mut |_| {});
+        let _ = std::fs::remove_file(work.join("l1-initramfs.cpio"));
+        let out = match result {
+            Ok(o) => o,
+            Err(e) => {
+                let why = e.to_string();
+                return fail_all(done, why.lines().next().unwrap_or("L1 failed").to_string());
+            }
+        };
+        log::info!(
+            "nested batch of {} in {:.0} s",
+            reqs.len(),
+            started.elapsed().as_secs_f64()
+        );
+        for (i, r) in reqs.iter().enumerate() {
+            let res = match out.step(i + 1) {
+                None => Err("the L1 host ended before this guest ran".to_string()),
+                Some(s) => {
+                    let mut text = s.stdout.join("\n");
+                    text.push('\n');
+                    if let Err(e) = std::fs::write(&r.log, &text) {
+                        log::warn!("{}: {e}", r.log.display());
+                    }
+                    match s.status {
+                        None => Err("the L1 host ended before milk-vmm did".to_string()),
+                        Some(_) => Ok(Boot {
+                            // The guest's own result line, as for QEMU
+                            // (milk-vmm's exit status mirrors it).
+                            status: s
+                                .stdout
+                                .iter()
+                                .find_map(|l| milk_harness::parse_result_line(l))
+                                .map(|g| g.status),
+                            host: HostCounts::parse(&s.stdout),
+                            console: s.stdout.clone(),
+                            wall: s.elapsed,
+                        }),
+                    }
+                }
+            };
+            done(i, res);
+        }
+    }
+}
+
+/// Every engine, in table order.
+pub fn engines(root: &Path) -> Vec<Box<dyn Engine>> {
+    vec![
+        Box::new(QemuEngine),
+        Box::new(NestedEngine {
+            root: root.to_path_buf(),
+        }),
+    ]
 }
 
 /// The guest script around a workload command: wait for the bridge (milk),

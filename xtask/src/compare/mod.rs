@@ -26,10 +26,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use engine::{bridge_counters, check_scheduler, guest_script};
-use engine::{engines, Engine, Guest, Scheduler};
+use engine::{engines, Boot, BootRequest, Engine, Guest, Scheduler};
 use report::{render_table, write_plots};
 use stats::{fidelity, summarize, ConfigSummary, RunRecord};
 use workload::fields;
@@ -82,7 +82,8 @@ pub struct CompareArgs {
     /// Workloads to run, comma separated (default: all).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
-    /// Schedulers, comma separated: cfs, scx_test_fifo, milk:<policy> (default: all).
+    /// Schedulers, comma separated: cfs, scx_test_fifo, milk:<policy> (default:
+    /// all), or milk:<policy>:<key>=<value> for a policy with one parameter set.
     #[arg(long, value_delimiter = ',')]
     pub schedulers: Vec<String>,
     /// Engines, comma separated (default: every engine available here).
@@ -100,9 +101,14 @@ pub struct CompareArgs {
     /// Print the results as JSON on stdout (the table then goes to stderr).
     #[arg(long)]
     pub json: bool,
+    /// Boot nothing: rebuild the table and plots from a results.json of an
+    /// earlier run (its statistics are recomputed from its records).
+    #[arg(long, value_name = "RESULTS_JSON")]
+    pub from: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Where and how the run was made.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// Host `uname -srm`.
     pub host: String,
@@ -118,6 +124,18 @@ pub struct Machine {
     pub commit: String,
     /// UTC start time.
     pub started: String,
+    /// `/proc/loadavg` (1, 5, 15 min) at the start.
+    #[serde(default)]
+    pub load_start: String,
+    /// `/proc/loadavg` at the end.
+    #[serde(default)]
+    pub load_end: String,
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn cmd_line(prog: &str, args: &[&str]) -> String {
@@ -154,11 +172,13 @@ fn machine() -> Machine {
         guest_kernel: String::new(),
         commit: cmd_line("git", &["rev-parse", "--short=12", "HEAD"]),
         started: cmd_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
+        load_start: loadavg(),
+        load_end: String::new(),
     }
 }
 
 /// Everything `--json` prints and results.json holds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Results {
     /// The machine.
     pub machine: Machine,
@@ -197,8 +217,62 @@ fn select<T: Clone>(
         .collect()
 }
 
+/// `--from`: the table and plots of a saved run.
+fn replot(args: &CompareArgs, file: &Path) -> Result<Results, CompareError> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| CompareError::Io(file.to_path_buf(), e))?;
+    let mut r: Results = serde_json::from_str(&text)?;
+    let wls: Vec<Workload> = workloads(r.quick)
+        .into_iter()
+        .filter(|w| r.workloads.contains_key(w.name))
+        .collect();
+    r.summary = summarize(&r.records, &wls);
+    let plots = args.plots.clone().unwrap_or_else(|| args.out.clone());
+    write_plots(&r, &wls, &plots)?;
+    let table = render_table(&r, &wls);
+    if args.json {
+        eprint!("{table}");
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(r)
+}
+
+/// The schedulers of `--schedulers`: listed names, or `milk:SPEC` with any
+/// policy spec `milk_policies::by_name` accepts (e.g. a parameter variant).
+fn select_schedulers(want: &[String]) -> Result<Vec<Scheduler>, CompareError> {
+    let all = Scheduler::all();
+    if want.is_empty() {
+        return Ok(all);
+    }
+    want.iter()
+        .map(|w| {
+            if let Some(s) = all.iter().find(|s| s.name() == *w) {
+                return Ok(s.clone());
+            }
+            match w.strip_prefix("milk:") {
+                // `into_iter` reads an Option and a Result alike.
+                Some(spec) if milk_policies::by_name(spec).into_iter().next().is_some() => {
+                    Ok(Scheduler::Milk(spec.to_string()))
+                }
+                _ => Err(CompareError::UnknownScheduler(
+                    w.clone(),
+                    all.iter()
+                        .map(Scheduler::name)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )),
+            }
+        })
+        .collect()
+}
+
 /// Runs the benchmark: boots, table, results.json, plots.
 pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
+    if let Some(file) = &args.from {
+        return replot(args, file);
+    }
     let runs = if args.quick { 1 } else { args.runs };
     if runs == 0 {
         return Err(CompareError::NoRuns);
@@ -209,16 +283,11 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         |w| w.name.to_string(),
         CompareError::UnknownWorkload,
     )?;
-    let scheds = select(
-        Scheduler::all(),
-        &args.schedulers,
-        Scheduler::name,
-        CompareError::UnknownScheduler,
-    )?;
+    let scheds = select_schedulers(&args.schedulers)?;
     if !scheds.contains(&Scheduler::Cfs) {
         return Err(CompareError::NoBaseline);
     }
-    let all_engines = engines();
+    let all_engines = engines(&crate::workspace_root());
     let names: Vec<&str> = all_engines.iter().map(|e| e.name()).collect();
     for e in &args.engines {
         if !names.contains(&e.as_str()) {
@@ -250,6 +319,7 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         milk_images::ensure_test_initramfs().map_err(|e| CompareError::Guest(e.to_string()))?;
     let guest = Guest {
         vmlinux: kernel.vmlinux.clone(),
+        bzimage: kernel.bzimage.clone(),
         initrd,
     };
     let logs = args.out.join("logs");
@@ -266,17 +336,61 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
         logs.display()
     );
     let t0 = Instant::now();
+    let timeout = Duration::from_secs(args.timeout);
     let mut records = Vec::new();
     let mut n = 0;
     for round in 0..runs {
-        for w in &wls {
-            for e in &engs {
-                // Rotate the order each round: no scheduler always runs first.
-                let mut order = scheds.clone();
-                order.rotate_left(round % scheds.len());
-                for s in &order {
+        // Rotate the order each round: no scheduler always runs first.
+        let mut order = scheds.clone();
+        order.rotate_left(round % scheds.len());
+        for e in &engs {
+            // One batch per engine and round: every workload under every scheduler.
+            let jobs: Vec<(&Workload, &Scheduler)> = wls
+                .iter()
+                .flat_map(|w| order.iter().map(move |s| (w, s)))
+                .collect();
+            let reqs: Vec<BootRequest> = jobs
+                .iter()
+                .map(|(w, s)| BootRequest {
+                    sched: (*s).clone(),
+                    cmdline: format!("milk.run=\"{}\"", guest_script(s, &w.command)),
+                    log: logs.join(format!(
+                        "{}-{}-{}-{round}.log",
+                        e.name(),
+                        w.name,
+                        s.name().replace([':', '=', ','], "-")
+                    )),
+                })
+                .collect();
+            // Boots that never reached /init (under TCG on a loaded host the
+            // guest kernel's IO-APIC timer check fails now and then) are
+            // boot failures, not measurements: they are made again.
+            let mut todo: Vec<usize> = (0..reqs.len()).collect();
+            let mut tries = vec![0u32; reqs.len()];
+            while !todo.is_empty() {
+                let batch: Vec<BootRequest> = todo.iter().map(|&i| reqs[i].clone()).collect();
+                let mut again = Vec::new();
+                e.boot_all(&guest, &batch, timeout, &mut |k, res| {
+                    let i = todo[k];
+                    let (w, s) = jobs[i];
+                    if let Ok(b) = &res {
+                        if !reached_init(b) && tries[i] < BOOT_RETRIES {
+                            tries[i] += 1;
+                            eprintln!(
+                                "[compare] {} {} {} round {}: the guest did not reach /init ({}); booting again",
+                                e.name(),
+                                w.name,
+                                s.name(),
+                                round + 1,
+                                first_panic(b).unwrap_or("no panic line")
+                            );
+                            again.push(i);
+                            return;
+                        }
+                    }
+                    let mut rec = record(e.name(), s, w, round, &reqs[i].log, res, &mut mach);
+                    rec.retries = tries[i];
                     n += 1;
-                    let rec = one_boot(&guest, e.as_ref(), s, w, round, args, &logs, &mut mach);
                     let eta = t0.elapsed().as_secs_f64() / n as f64 * (total - n) as f64;
                     let what = match &rec.error {
                         None => rec
@@ -297,10 +411,12 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
                         eta
                     );
                     records.push(rec);
-                }
+                });
+                todo = again;
             }
         }
     }
+    mach.load_end = loadavg();
     let summary = summarize(&records, &wls);
     let results = Results {
         machine: mach,
@@ -340,19 +456,35 @@ pub fn run(args: &CompareArgs) -> Result<Results, CompareError> {
     Ok(results)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn one_boot(
-    guest: &Guest,
-    engine: &dyn Engine,
+/// Boots of one measurement that never reached /init, made again before
+/// the measurement counts as failed.
+const BOOT_RETRIES: u32 = 2;
+
+/// True if the guest's /init ran (it prints `MILK-BOOT ...` first).
+fn reached_init(b: &Boot) -> bool {
+    b.console.iter().any(|l| l.contains("MILK-BOOT "))
+}
+
+/// The guest kernel's panic message, if it printed one.
+fn first_panic(b: &Boot) -> Option<&str> {
+    b.console.iter().find_map(|l| {
+        l.find("Kernel panic - not syncing: ")
+            .map(|at| &l[at + 28..])
+    })
+}
+
+/// The record of one boot's result.
+fn record(
+    engine: &str,
     sched: &Scheduler,
     w: &Workload,
     round: usize,
-    args: &CompareArgs,
-    logs: &Path,
+    log: &Path,
+    res: Result<Boot, String>,
     mach: &mut Machine,
 ) -> RunRecord {
     let mut rec = RunRecord {
-        engine: engine.name().into(),
+        engine: engine.into(),
         scheduler: sched.name(),
         workload: w.name.into(),
         round,
@@ -361,21 +493,9 @@ fn one_boot(
         fidelity: None,
         bridge: BTreeMap::new(),
         boot_s: 0.0,
+        retries: 0,
     };
-    let log = logs.join(format!(
-        "{}-{}-{}-{round}.log",
-        engine.name(),
-        w.name,
-        sched.name().replace(':', "-")
-    ));
-    let cmdline = format!("milk.run=\"{}\"", guest_script(sched, &w.command));
-    let boot = match engine.boot(
-        guest,
-        sched,
-        &cmdline,
-        Duration::from_secs(args.timeout),
-        &log,
-    ) {
+    let boot = match res {
         Ok(b) => b,
         Err(e) => {
             rec.error = Some(e.lines().next().unwrap_or("boot failed").to_string());
@@ -390,7 +510,7 @@ fn one_boot(
     }
     rec.bridge = bridge_counters(&boot.console);
     if matches!(sched, Scheduler::Milk(_)) {
-        rec.fidelity = Some(fidelity(&rec.bridge, &boot.summaries));
+        rec.fidelity = Some(fidelity(&rec.bridge, boot.host.as_ref()));
     }
     let checked = match boot.status {
         Some(0) => check_scheduler(sched, &boot.console).and_then(|_| (w.parse)(&boot.console)),

@@ -47,8 +47,18 @@ pub fn render_table(r: &Results, wls: &[Workload]) -> String {
     let _ = writeln!(
         t,
         "\nScheduler comparison: {} round(s), medians [min-max]; x cfs = value / CFS's in the same round \
-         (median [min-max] of the per-round ratios)\n",
-        r.runs
+         (median [min-max] of the per-round ratios)\nhost {}, {} CPUs ({}), {}; guest {}; commit {}; \
+         started {}, load average {} at the start, {} at the end\n",
+        r.runs,
+        r.machine.host,
+        r.machine.cpus,
+        r.machine.cpu,
+        r.machine.qemu,
+        r.machine.guest_kernel,
+        r.machine.commit,
+        r.machine.started,
+        r.machine.load_start,
+        r.machine.load_end
     );
     let mut engines: Vec<&str> = Vec::new();
     for s in &r.summary {
@@ -105,6 +115,13 @@ pub fn render_table(r: &Results, wls: &[Workload]) -> String {
             t.push('\n');
         }
     }
+    let retried: u32 = r.records.iter().map(|x| x.retries).sum();
+    if retried > 0 {
+        let _ = writeln!(
+            t,
+            "{retried} boot(s) did not reach /init (guest kernel panic at boot) and were made again.\n"
+        );
+    }
     let failed: Vec<&RunRecord> = r.records.iter().filter(|x| x.error.is_some()).collect();
     if !failed.is_empty() {
         let _ = writeln!(t, "Boots that did not count:");
@@ -133,11 +150,19 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             engines.push(&s.engine);
         }
     }
-    let bar = |label: String, s: &Spread| SpreadBar {
+    // One colour per scheduler, in every plot.
+    let mut scheds: Vec<&str> = Vec::new();
+    for s in &r.summary {
+        if !scheds.contains(&s.scheduler.as_str()) {
+            scheds.push(&s.scheduler);
+        }
+    }
+    let bar = |label: String, sched: &str, s: &Spread| SpreadBar {
         label,
         median: s.median,
         min: s.min,
         max: s.max,
+        color: scheds.iter().position(|x| *x == sched).unwrap_or(0),
     };
     for eng in engines {
         let mut ratios = Vec::new();
@@ -153,7 +178,13 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             let m = &w.metrics[0];
             let bars: Vec<SpreadBar> = rows
                 .iter()
-                .filter_map(|s| Some(bar(s.scheduler.clone(), s.metrics.get(m.key)?)))
+                .filter_map(|s| {
+                    Some(bar(
+                        s.scheduler.clone(),
+                        &s.scheduler,
+                        s.metrics.get(m.key)?,
+                    ))
+                })
                 .collect();
             if !bars.is_empty() {
                 let better = if m.lower_is_better { "lower" } else { "higher" };
@@ -172,7 +203,11 @@ pub fn write_plots(r: &Results, wls: &[Workload], dir: &Path) -> Result<(), Comp
             for m in w.metrics {
                 for s in rows.iter().filter(|s| s.scheduler != "cfs") {
                     if let Some(x) = s.ratio_vs_cfs.get(m.key) {
-                        ratios.push(bar(format!("{} {} {}", w.name, m.key, s.scheduler), x));
+                        ratios.push(bar(
+                            format!("{} {} {}", w.name, m.key, s.scheduler),
+                            &s.scheduler,
+                            x,
+                        ));
                     }
                 }
             }
@@ -213,6 +248,7 @@ mod tests {
             fidelity: None,
             bridge: BTreeMap::new(),
             boot_s: 1.0,
+            retries: 0,
         }
     }
 

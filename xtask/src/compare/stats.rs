@@ -2,15 +2,17 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use virtio_milk::metrics::Summary;
 use virtio_milk::protocol::AckStatus;
 
 use super::workload::Workload;
 
-/// A fidelity column: its key and how to compute it.
-type FidelityColumn = (&'static str, fn(&Fidelity) -> f64);
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+/// A fidelity column: its key and how to compute it (None: not known).
+type FidelityColumn = (&'static str, fn(&Fidelity) -> Option<f64>);
+
+/// Fidelity counters of a milk run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Fidelity {
     /// Guest: RUNs applied (`decisions_applied`).
     pub applied: u64,
@@ -25,8 +27,8 @@ pub struct Fidelity {
     pub unacked: u64,
     /// Guest: times the bridge disabled itself (fallback to CFS).
     pub disables: u64,
-    /// Host: decision -> applied p50, µs.
-    pub apply_p50_us: f64,
+    /// Host: decision -> applied p50, µs (when the engine reports it).
+    pub apply_p50_us: Option<f64>,
 }
 
 impl Fidelity {
@@ -53,8 +55,75 @@ fn pct(a: u64, b: u64) -> f64 {
     }
 }
 
-/// Fidelity from the guest's counters and the host summaries.
-pub fn fidelity(guest: &BTreeMap<String, String>, host: &[Summary]) -> Fidelity {
+/// The host runtime's counters the fidelity columns need.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostCounts {
+    /// Decisions sent (RUN + PREEMPT).
+    pub decisions: u64,
+    /// STALE + NOT_RUNNABLE + NO_TASK acks.
+    pub rejected: u64,
+    /// Acks of the runtime's own decisions (injected ones left out).
+    pub acks: u64,
+    /// Acks that matched no decision in flight.
+    pub unmatched: u64,
+    /// Decision -> applied p50, µs (None when the source does not say).
+    pub apply_p50_us: Option<f64>,
+}
+
+impl HostCounts {
+    /// From the runtime summaries of one guest run (None if there are none).
+    pub fn from_summaries(host: &[Summary]) -> Option<HostCounts> {
+        if host.is_empty() {
+            return None;
+        }
+        let mut h = HostCounts::default();
+        let mut apply = virtio_milk::metrics::Histogram::default();
+        for s in host {
+            let m = &s.metrics;
+            let ack = |st: AckStatus| m.acks[st as usize];
+            h.decisions += m.decisions_run + m.decisions_preempt;
+            h.rejected +=
+                ack(AckStatus::Stale) + ack(AckStatus::NotRunnable) + ack(AckStatus::NoTask);
+            h.acks += m.acks_total() - m.injected_acks.iter().sum::<u64>();
+            h.unmatched += m.unmatched_acks;
+            apply.merge(&m.apply_latency);
+        }
+        h.apply_p50_us = (apply.count() > 0).then(|| apply.percentile(50.0) as f64 / 1e3);
+        Some(h)
+    }
+
+    /// From the summary text milk-vmm prints at exit (`virtio-milk
+    /// summary: ...`, then `decisions: N (...)`, `acks: OK n STALE n ...`,
+    /// `protocol errors: ..., n unmatched acks, ...`); None if absent or in
+    /// a form this does not know. Several summaries add up.
+    pub fn parse(lines: &[String]) -> Option<HostCounts> {
+        let mut h = HostCounts::default();
+        let mut seen = false;
+        for l in lines.iter().map(|l| l.trim()) {
+            if let Some(rest) = l.strip_prefix("decisions: ") {
+                h.decisions += rest.split_whitespace().next()?.parse::<u64>().ok()?;
+                seen = true;
+            } else if let Some(rest) = l.strip_prefix("acks:") {
+                let w: Vec<&str> = rest.split_whitespace().collect();
+                for pair in w.chunks(2) {
+                    let [name, n] = pair else { return None };
+                    let n: u64 = n.parse().ok()?;
+                    h.acks += n;
+                    if ["STALE", "NOT_RUNNABLE", "NO_TASK"].contains(name) {
+                        h.rejected += n;
+                    }
+                }
+            } else if l.starts_with("protocol errors:") {
+                let at = l.find(" unmatched acks")?;
+                h.unmatched += l[..at].rsplit(' ').next()?.parse::<u64>().ok()?;
+            }
+        }
+        seen.then_some(h)
+    }
+}
+
+/// Fidelity from the guest's counters and the host's.
+pub fn fidelity(guest: &BTreeMap<String, String>, host: Option<&HostCounts>) -> Fidelity {
     let g = |k: &str| guest.get(k).and_then(|v| v.parse().ok()).unwrap_or(0u64);
     let mut f = Fidelity {
         applied: g("decisions_applied"),
@@ -62,25 +131,20 @@ pub fn fidelity(guest: &BTreeMap<String, String>, host: &[Summary]) -> Fidelity 
         disables: g("disables"),
         ..Fidelity::default()
     };
-    let mut apply = virtio_milk::metrics::Histogram::default();
-    for s in host {
-        let m = &s.metrics;
-        let ack = |st: AckStatus| m.acks[st as usize];
-        let decisions = m.decisions_run + m.decisions_preempt;
-        f.decisions += decisions;
-        f.rejected += ack(AckStatus::Stale) + ack(AckStatus::NotRunnable) + ack(AckStatus::NoTask);
-        // Acks of the runtime's own decisions that resolved one.
-        let own: u64 = m.acks_total() - m.injected_acks.iter().sum::<u64>();
-        let resolved = own.saturating_sub(m.unmatched_acks);
-        f.unacked += decisions.saturating_sub(resolved);
-        apply.merge(&m.apply_latency);
+    if let Some(h) = host {
+        f.decisions = h.decisions;
+        f.rejected = h.rejected;
+        // Each matched ack resolves one decision; the rest hold a CPU.
+        f.unacked = h
+            .decisions
+            .saturating_sub(h.acks.saturating_sub(h.unmatched));
+        f.apply_p50_us = h.apply_p50_us;
     }
-    f.apply_p50_us = apply.percentile(50.0) as f64 / 1e3;
     f
 }
 
 /// One boot's record.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     /// Engine name.
     pub engine: String,
@@ -100,10 +164,13 @@ pub struct RunRecord {
     pub bridge: BTreeMap<String, String>,
     /// Boot wall time, s.
     pub boot_s: f64,
+    /// Earlier boots of this measurement that never reached /init.
+    #[serde(default)]
+    pub retries: u32,
 }
 
 /// Median and range.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct Spread {
     /// Median.
     pub median: f64,
@@ -137,7 +204,7 @@ pub fn spread(v: &[f64]) -> Option<Spread> {
 }
 
 /// One configuration's statistics.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConfigSummary {
     /// Engine.
     pub engine: String,
@@ -214,14 +281,14 @@ pub fn summarize(records: &[RunRecord], wls: &[Workload]) -> Vec<ConfigSummary> 
         let fs: Vec<&Fidelity> = good.iter().filter_map(|r| r.fidelity.as_ref()).collect();
         if !fs.is_empty() {
             let cols: [FidelityColumn; 5] = [
-                ("fallback_pct", Fidelity::fallback_pct),
-                ("rejected_pct", Fidelity::rejected_pct),
-                ("unacked", |f| f.unacked as f64),
-                ("disables", |f| f.disables as f64),
+                ("fallback_pct", |f| Some(f.fallback_pct())),
+                ("rejected_pct", |f| Some(f.rejected_pct())),
+                ("unacked", |f| Some(f.unacked as f64)),
+                ("disables", |f| Some(f.disables as f64)),
                 ("apply_p50_us", |f| f.apply_p50_us),
             ];
             for (k, get) in cols {
-                let v: Vec<f64> = fs.iter().map(|f| get(f)).collect();
+                let v: Vec<f64> = fs.iter().filter_map(|f| get(f)).collect();
                 if let Some(s) = spread(&v) {
                     fid.insert(k.to_string(), s);
                 }
@@ -257,6 +324,7 @@ mod tests {
             fidelity: None,
             bridge: BTreeMap::new(),
             boot_s: 1.0,
+            retries: 0,
         }
     }
 
@@ -311,10 +379,36 @@ mod tests {
             ("decisions_applied".to_string(), "10".to_string()),
             ("local_fallbacks".to_string(), "1".to_string()),
         ]);
-        let h = fidelity(&counters, &[]);
+        let h = fidelity(&counters, None);
         assert_eq!(
             (h.applied, h.fallbacks, h.decisions, h.unacked),
             (10, 1, 0, 0)
         );
+    }
+
+    #[test]
+    fn host_counts_parse_from_the_printed_summary() {
+        let text: Vec<String> = [
+            "virtio-milk summary: policy fifo, 3.2 s",
+            "  messages: 100 (TASK_NEW 10)",
+            "  decisions: 40 (RUN 40, PREEMPT 0)",
+            "  acks: OK 30 STALE 3 NO_TASK 1 BAD_CPU 2 NOT_RUNNABLE 2",
+            "  rejections: 8  guest fallbacks: 4",
+            "  protocol errors: 0 malformed, 0 stale events, 0 unknown-task events, 1 unmatched acks, 0 policy rejects",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let h = HostCounts::parse(&text).unwrap();
+        assert_eq!(
+            (h.decisions, h.rejected, h.acks, h.unmatched),
+            (40, 6, 38, 1)
+        );
+        let f = fidelity(&BTreeMap::new(), Some(&h));
+        assert_eq!(f.unacked, 3);
+        assert_eq!(HostCounts::parse(&text[..1]), None);
+        let mut bad = text.clone();
+        bad[3] = "  acks: OK many".into();
+        assert_eq!(HostCounts::parse(&bad), None);
     }
 }

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
+/// A number a workload reports.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct MetricSpec {
     /// Key in the results.
@@ -205,9 +206,9 @@ pub fn parse_cyclictest(console: &[String]) -> Result<Values, String> {
     ]))
 }
 
-/// `milk-mix: seconds=4 elapsed_ms=... yields=... forks=... pipe_rtts=... errors=0`.
+/// `milk-mix: ms=4000 ... elapsed_ms=... yields=... forks=... pipe_rtts=... errors=0`.
 pub fn parse_mix(console: &[String]) -> Result<Values, String> {
-    let line = last_line(console, "milk-mix: seconds=")?;
+    let line = last_line(console, "milk-mix: ms=")?;
     let f = fields(line);
     if field_num(&f, "errors", line)? != 0.0 {
         return Err(format!("milk-mix failed its own check: {line}"));
@@ -258,8 +259,9 @@ mod tests {
         // A load that ended early makes the latency an unloaded one.
         assert!(parse_cyclictest(&lines(&[ct, "ct-load=ended"])).is_err());
 
-        let mix = "milk-mix: seconds=4 elapsed_ms=4000 yields=8000 forks=800 pipe_rtts=40000 \
-                   yield0=1 yield1=2 fork0=3 fork1=4 pipe0=5 pipe1=6 errors=0";
+        let mix = "milk-mix: ms=4000 seconds=4 elapsed_ms=4000 yields=8000 forks=800 \
+                   roundtrips=40000 pipe_rtts=40000 yielders=2 forkers=2 pairs=2 min_yield=1 \
+                   min_fork=2 min_pipe=3 errors=0";
         let x = parse_mix(&lines(&[mix])).unwrap();
         assert_eq!(x["forks_per_s"], 200.0);
         assert_eq!(x["rtts_per_s"], 10000.0);

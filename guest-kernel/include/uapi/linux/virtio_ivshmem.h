@@ -1,11 +1,6 @@
 /* SPDX-License-Identifier: (GPL-2.0 WITH Linux-syscall-note) OR BSD-3-Clause */
 /*
- * A virtio transport over the ivshmem-doorbell PCI device.
- *
- * The canonical copy lives in the MiLK repository under guest-kernel/include;
- * the guest patch series carries it verbatim and the host
- * (vmm/ivshmem/src/regs.rs) mirrors it, checked by a test that compiles
- * this header. Prose: docs/transport-ivshmem.md.
+ * virtio_ivshmem.h - a virtio transport over the ivshmem-doorbell PCI device
  *
  * The device's shared memory (BAR2) starts with struct virtio_ivshmem_regs,
  * the virtio "register file". The virtqueues themselves live in guest RAM;
@@ -19,19 +14,15 @@
  *   0      configuration change
  *   1 + n  used buffers in queue n
  * The ivshmem device therefore needs vectors = 1 + num_queues.
+ *
+ * config_generation is a seqcount: a device changing config makes it odd
+ * first and even again when done; the driver's copy is consistent when it
+ * read the same even value before and after it.
  */
 #ifndef _UAPI_LINUX_VIRTIO_IVSHMEM_H
 #define _UAPI_LINUX_VIRTIO_IVSHMEM_H
 
-#if defined(__KERNEL__)
 #include <linux/types.h>
-#else
-#include <stdint.h>
-typedef uint16_t __le16;
-typedef uint32_t __le32;
-typedef uint64_t __le64;
-typedef uint8_t __u8;
-#endif
 
 #define VIRTIO_IVSHMEM_MAGIC		0x4b4c494d	/* "MILK" in memory */
 #define VIRTIO_IVSHMEM_VERSION		1

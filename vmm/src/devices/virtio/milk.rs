@@ -156,9 +156,9 @@ mod tests {
         let mut t = MmioTransport::new(Box::new(dev), mem, irq).unwrap();
         assert_eq!(r(&mut t, reg::DEVICE_ID), 58);
         assert_eq!(t.queue_evts().len(), 2, "one event and one decision queue");
-        // Config: num_cpus 1, version 1, record size 64.
+        // Config: num_cpus 1, version 2, record size 64.
         assert_eq!(r(&mut t, reg::CONFIG), 1);
-        assert_eq!(r(&mut t, reg::CONFIG + 4) & 0xffff, 1);
+        assert_eq!(r(&mut t, reg::CONFIG + 4) & 0xffff, 2);
         assert_eq!(r(&mut t, reg::CONFIG + 8) & 0xffff, 64);
         w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
         w(&mut t, reg::DEVICE_FEATURES_SEL, 1);

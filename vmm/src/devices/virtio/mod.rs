@@ -12,9 +12,11 @@
 //! on the eventfds in the [`Activation`] from its own threads (e.g. a polling
 //! scheduler channel).
 
+#[cfg(any(test, feature = "test-devices"))]
 pub mod echo;
 pub mod milk;
 pub mod mmio;
+pub mod vhost_user;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
