@@ -284,7 +284,7 @@ fn host_runtime_paused_mid_workload_guest_falls_back_to_cfs() {
     // the guest runs nested under TCG: milk-mon's 10 ms sampler itself wakes
     // only every 1-2.5 s (docs/benchmarks.md "Nested KVM"), so the test
     // asserts a generous bound and the benchmark reports the number.
-    assert!(fallback_ms < 10_000, "fallback took {fallback_ms} ms: {c}");
+    assert!(fallback_ms < 15_000, "fallback took {fallback_ms} ms: {c}");
     // Mid-workload: the fallback came before the workload ended.
     let pos = |p: &dyn Fn(&str) -> bool| s.stdout.iter().position(|l| p(l)).unwrap();
     let dis = pos(&|l| l.starts_with("NESTED-DISABLED"));
