@@ -167,11 +167,13 @@ pub fn cache_key(tarball_sha: &str, fragment: &str, series: &Series) -> String {
     hex(&h.finalize())[..24].to_string()
 }
 
-/// An exclusive lock on a file, released on drop.
-struct FileLock(fs::File);
+/// An exclusive lock on a file, released on drop (the cache's kernel build lock,
+/// shared with the L1 host kernel build).
+pub struct FileLock(fs::File);
 
 impl FileLock {
-    fn acquire(path: &Path) -> Result<Self, Error> {
+    /// Blocks until the lock on `path` (created if missing) is granted.
+    pub fn acquire(path: &Path) -> Result<Self, Error> {
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }

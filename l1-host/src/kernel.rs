@@ -15,7 +15,6 @@
 //! changes under a running make and two kernel builds never share the CPUs.
 
 use std::fs;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use milk_guest_kernel::config::KConfig;
@@ -78,35 +77,6 @@ fn read_info(dir: &Path, key: &str, cache_hit: bool) -> Option<L1Kernel> {
     (k.bzimage.is_file() && k.config.is_file()).then_some(k)
 }
 
-/// An exclusive `flock` on a file, released on drop.
-struct FileLock(fs::File);
-
-impl FileLock {
-    fn acquire(path: &Path) -> Result<Self, Error> {
-        if let Some(parent) = path.parent() {
-            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let f = fs::File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        // SAFETY: flock on a descriptor we own; it blocks until granted.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(Error::io(path, std::io::Error::last_os_error()));
-        }
-        Ok(FileLock(f))
-    }
-}
-
-impl Drop for FileLock {
-    fn drop(&mut self) {
-        // SAFETY: unlocking a descriptor we own; an error is harmless here.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
-}
-
 /// Builds the L1 kernel, or finds it in the cache.
 pub fn ensure_kernel() -> Result<L1Kernel, Error> {
     build(&milk_guest_kernel::BuildOptions::default())
@@ -132,7 +102,7 @@ pub fn build(opts: &milk_guest_kernel::BuildOptions) -> Result<L1Kernel, Error> 
         }
     }
     host_deps::ensure()?;
-    let _lock = FileLock::acquire(&opts.cache.join("kernel-build.lock"))?;
+    let _lock = milk_guest_kernel::FileLock::acquire(&opts.cache.join("kernel-build.lock"))?;
     if !opts.clean {
         if let Some(k) = read_info(&out_dir, &key, true) {
             return Ok(k);
