@@ -343,7 +343,7 @@ fn bad_input_gets_the_clear_errors_of_the_cli() {
         (
             vec!["--kernel", k, "--engine", "kvm", "--policy", "../evil"],
             64,
-            "unknown policy \"../evil\" (known: fifo",
+            "unknown --policy \"../evil\" (known: fifo",
         ),
         (
             vec!["--kernel", k, "--engine", "kvm", "--cmdline", "a\u{7}b"],
