@@ -6,17 +6,19 @@
 
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use virtio_milk::loopback::{DriverQueue, LoopbackMemory};
+use virtio_milk::loopback::LoopbackMemory;
 use virtio_milk::policy::{Dispatcher, Gtid, Policy, PolicyEvent, SchedView, TaskState};
 use virtio_milk::protocol::{
-    pack_name, parse_record, AckInfo, AckStatus, DecisionInfo, Direction, EventInfo, Message,
-    TaskEventKind, TaskNewInfo, RECORD_SIZE,
+    pack_name, AckInfo, AckStatus, DecisionInfo, EventInfo, Message, TaskEventKind, TaskNewInfo,
 };
 use virtio_milk::queue::{EngineConfig, QueueEngine};
 use virtio_milk::runtime::{RawDecision, Runtime, RuntimeConfig};
+
+mod common;
+use common::Guest;
 
 const CPUS: u16 = 2;
 
@@ -48,81 +50,6 @@ impl Policy for Lowest {
                 d.run(gtid, cpu, 0).expect("a valid RUN");
             }
         }
-    }
-}
-
-struct Guest {
-    lm: LoopbackMemory,
-    dq: Vec<DriverQueue>,
-    kick: EventFd,
-}
-
-impl Guest {
-    /// Post one event buffer with `msgs` on `cpu`'s event queue (kicking if asked).
-    fn send(&mut self, cpu: u16, msgs: &[Message]) {
-        let raw: Vec<[u8; RECORD_SIZE]> = msgs.iter().map(Message::encode).collect();
-        self.send_raw(cpu, &raw);
-    }
-
-    /// Post one event buffer holding these raw records.
-    fn send_raw(&mut self, cpu: u16, msgs: &[[u8; RECORD_SIZE]]) {
-        let q = usize::from(cpu) * 2;
-        while self.dq[q].pop_used(&self.lm.mem).is_some() {}
-        let d = self.dq[q].next_free_desc().expect("free event descriptor");
-        let addr = self.lm.buffer(q as u16, d);
-        for (i, m) in msgs.iter().enumerate() {
-            self.lm
-                .mem
-                .write_slice(m, GuestAddress(addr + (i * RECORD_SIZE) as u64))
-                .unwrap();
-        }
-        let len = (msgs.len() * RECORD_SIZE) as u32;
-        self.dq[q]
-            .add_chain(&self.lm.mem, &[(addr, len, false)])
-            .unwrap();
-        if self.dq[q].publish(&self.lm.mem) {
-            self.kick.write(1).unwrap();
-        }
-    }
-
-    fn post_decision_buffer(&mut self, q: usize) {
-        let d = self.dq[q]
-            .next_free_desc()
-            .expect("free decision descriptor");
-        let a = self.lm.buffer(q as u16, d);
-        self.dq[q]
-            .add_chain(&self.lm.mem, &[(a, 256, true)])
-            .unwrap();
-    }
-
-    fn post_decision_buffers(&mut self) {
-        for cpu in 0..CPUS {
-            let q = usize::from(cpu) * 2 + 1;
-            while self.dq[q].free_descs() > 0 {
-                self.post_decision_buffer(q);
-            }
-            self.dq[q].publish(&self.lm.mem);
-        }
-    }
-
-    /// Records received on `cpu`'s decision queue; buffers are reposted.
-    fn recv(&mut self, cpu: u16) -> Vec<Message> {
-        let q = usize::from(cpu) * 2 + 1;
-        let mut msgs = Vec::new();
-        while let Some((head, len)) = self.dq[q].pop_used(&self.lm.mem) {
-            let a = self.lm.buffer(q as u16, head);
-            for i in 0..len as usize / RECORD_SIZE {
-                let mut raw = [0u8; RECORD_SIZE];
-                self.lm
-                    .mem
-                    .read_slice(&mut raw, GuestAddress(a + (i * RECORD_SIZE) as u64))
-                    .unwrap();
-                msgs.push(parse_record(&raw, Direction::HostToGuest, u32::from(CPUS)).unwrap());
-            }
-            self.post_decision_buffer(q);
-        }
-        self.dq[q].publish(&self.lm.mem);
-        msgs
     }
 }
 
