@@ -1,7 +1,9 @@
 //! Device-side virtqueue engine for virtio-milk.
 //!
-//! Holds one event queue and one decision queue per guest CPU (split virtqueues from
-//! `virtio-queue`) over any `vm-memory` guest memory. It pops event chains, copies their
+//! Holds one event queue and one decision queue per guest CPU (split virtqueues,
+//! [`crate::vring::DeviceRing`]) over any `vm-memory` guest memory whose regions have host
+//! mappings. The rings are translated to host pointers once, when the engine is built (an
+//! engine lives for one activation: a reset builds a new one), and validated then. It pops event chains, copies their
 //! bytes out of guest memory, validates them strictly and hands decoded [`Message`]s to the
 //! caller; it writes decisions into buffers the guest pre-posted on the decision queues.
 //!
@@ -10,10 +12,12 @@
 //! that becomes readable on every driver kick (several queues may share it), and an
 //! [`Interrupt`] to signal used buffers.
 //!
-//! Nothing the guest writes can panic this code or make it access memory outside what
-//! `vm-memory` checks: every guest-controlled length is bounded before use, every memory
-//! access goes through `Bytes` and returns an error instead of faulting, and malformed
-//! input is counted in [`EngineStats`] and dropped.
+//! Nothing the guest writes can panic this code or make it access memory outside guest RAM:
+//! every guest-controlled index is reduced modulo the queue size or bounds-checked, every
+//! guest-controlled length is bounded before use, every buffer address is checked against
+//! the region table ([`crate::vring::HostRegions`], falling back to vm-memory's `Bytes`,
+//! which returns an error instead of faulting), and malformed input is counted in
+//! [`EngineStats`] and dropped.
 
 use std::collections::VecDeque;
 use std::io;

@@ -417,3 +417,165 @@ impl HostRegions {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryMmap};
+
+    const SIZE: u16 = 8;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn layout() -> RingLayout {
+        RingLayout {
+            size: SIZE,
+            desc_table: 0x1000,
+            avail_ring: 0x2000,
+            used_ring: 0x3000,
+        }
+    }
+
+    fn desc(m: &GuestMemoryMmap, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = GuestAddress(0x1000 + 16 * u64::from(i));
+        m.write_obj(addr, at).unwrap();
+        m.write_obj(len, GuestAddress(at.0 + 8)).unwrap();
+        m.write_obj(flags, GuestAddress(at.0 + 12)).unwrap();
+        m.write_obj(next, GuestAddress(at.0 + 14)).unwrap();
+    }
+
+    fn post(m: &GuestMemoryMmap, slot: u16, head: u16, idx: u16) {
+        m.write_obj(head, GuestAddress(0x2004 + 2 * u64::from(slot)))
+            .unwrap();
+        m.write_obj(idx, GuestAddress(0x2002)).unwrap();
+    }
+
+    #[test]
+    fn layouts_outside_memory_misaligned_or_oddly_sized_are_refused() {
+        let m = mem();
+        let ok = layout();
+        assert!(DeviceRing::new(&m, ok, 256, true).is_ok());
+        for bad in [
+            RingLayout { size: 0, ..ok },
+            RingLayout { size: 6, ..ok },
+            RingLayout { size: 512, ..ok },
+            RingLayout {
+                desc_table: 0x1008,
+                ..ok
+            },
+            RingLayout {
+                avail_ring: 0x2001,
+                ..ok
+            },
+            RingLayout {
+                used_ring: 0x3002,
+                ..ok
+            },
+            // The used ring would end past the end of memory.
+            RingLayout {
+                used_ring: 0x10000 - 8,
+                ..ok
+            },
+            RingLayout {
+                desc_table: u64::MAX - 15,
+                ..ok
+            },
+        ] {
+            assert_eq!(
+                DeviceRing::new(&m, bad, 256, true).err(),
+                Some(RingError::Layout),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn loops_out_of_range_next_and_indirect_end_a_chain() {
+        let m = mem();
+        let r = DeviceRing::new(&m, layout(), 256, true).unwrap();
+        // 0 -> 1 -> 0 -> ...: a loop ends after `size` descriptors, NEXT still set.
+        desc(&m, 0, 0x8000, 64, DESC_F_NEXT, 1);
+        desc(&m, 1, 0x8040, 64, DESC_F_NEXT, 0);
+        let v: Vec<Desc> = r.chain(0).collect();
+        assert_eq!(v.len(), usize::from(SIZE));
+        assert!(v.last().unwrap().has_next());
+        // next out of range: the chain ends with NEXT set.
+        desc(&m, 2, 0x8000, 64, DESC_F_NEXT, 99);
+        let v: Vec<Desc> = r.chain(2).collect();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].has_next());
+        // An indirect descriptor (never negotiated) is not followed.
+        desc(&m, 3, 0x8000, 64, DESC_F_NEXT, 4);
+        desc(&m, 4, 0x9000, 16, DESC_F_INDIRECT, 0);
+        let v: Vec<Desc> = r.chain(3).collect();
+        assert_eq!(v.len(), 1);
+        assert!(v[0].has_next());
+        // A head out of range yields nothing.
+        assert_eq!(r.chain(SIZE).count(), 0);
+    }
+
+    #[test]
+    fn avail_index_jumps_and_bad_heads_are_errors() {
+        let m = mem();
+        let mut r = DeviceRing::new(&m, layout(), 256, true).unwrap();
+        assert_eq!(r.pop(), Ok(None));
+        post(&m, 0, 5, 1);
+        assert_eq!(r.pop(), Ok(Some(5)));
+        assert_eq!(r.add_used(SIZE, 0), Err(RingError::BadHead));
+        // The driver claims more than a ring of new entries.
+        m.write_obj(1 + SIZE + 1, GuestAddress(0x2002)).unwrap();
+        assert_eq!(r.pop(), Err(RingError::AvailIndex));
+    }
+
+    #[test]
+    fn used_index_is_published_once_per_batch_and_event_idx_is_honoured() {
+        let m = mem();
+        let mut r = DeviceRing::new(&m, layout(), 256, true).unwrap();
+        for i in 0..3 {
+            r.add_used(i, 64).unwrap();
+        }
+        assert_eq!(r.used_idx_in_memory(), 0, "not visible before publish");
+        assert!(r.publish_used());
+        assert!(!r.publish_used(), "nothing new");
+        assert_eq!(r.used_idx_in_memory(), 3);
+        let id: u32 = m.read_obj(GuestAddress(0x3004 + 8 * 2)).unwrap();
+        let len: u32 = m.read_obj(GuestAddress(0x3004 + 8 * 2 + 4)).unwrap();
+        assert_eq!((id, len), (2, 64));
+        // used_event = 1: crossing it (0 -> 3) wants an interrupt, the next batch does not.
+        m.write_obj(1u16, GuestAddress(0x2004 + 2 * u64::from(SIZE)))
+            .unwrap();
+        assert!(r.needs_notification());
+        r.add_used(3, 0).unwrap();
+        r.publish_used();
+        assert!(!r.needs_notification());
+        // Arming avail_event writes next_avail and reports chains already posted.
+        post(&m, 0, 1, 1);
+        assert!(r.enable_notification());
+        let ev: u16 = m
+            .read_obj(GuestAddress(0x3004 + 8 * u64::from(SIZE)))
+            .unwrap();
+        assert_eq!(ev, 0);
+    }
+
+    #[test]
+    fn region_table_copies_inside_one_region_only() {
+        let m = GuestMemoryMmap::<()>::from_ranges(&[
+            (GuestAddress(0), 0x1000),
+            (GuestAddress(0x1000), 0x1000),
+        ])
+        .unwrap();
+        let t = HostRegions::new(&m);
+        assert!(t.write(0x10, b"hello"));
+        let mut b = [0u8; 5];
+        assert!(t.read(0x10, &mut b));
+        assert_eq!(&b, b"hello");
+        // Straddles the two regions, or leaves memory: refused (the engine then asks
+        // vm-memory, which handles the first and fails the second).
+        assert!(!t.read(0xffe, &mut b));
+        assert!(!t.read(0x1ffe, &mut b));
+        assert!(!t.read(u64::MAX - 1, &mut b));
+        assert!(!t.write(0x2000, b"x"));
+    }
+}
