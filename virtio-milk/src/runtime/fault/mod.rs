@@ -276,9 +276,8 @@ impl<M: GuestMemory> Runtime<M> {
             }
         }
         self.engine.flush();
-        if self.engine.backlog_len() > 0 {
-            self.metrics.faults.hostile_unsure += n;
-        }
+        // Whatever is left waits for a guest buffer; a new session would drop it.
+        self.metrics.faults.hostile_unsure += n.min(self.engine.backlog_len() as u64);
     }
 
     /// When the loop must wake for a fault mode at the latest (monotonic ns).
