@@ -31,7 +31,11 @@ pub(super) struct Stop {
 /// State of a chaos run.
 pub(super) struct Chaos {
     spec: ChaosSpec,
+    /// Per-record choices (delays, losses, routes).
     rng: Rng,
+    /// Stalls and stops: a stream of its own, so their schedule depends on the seed
+    /// alone, not on how many records went by.
+    sched: Rng,
     pub(super) window: Window,
     /// Guest records held back, per event queue, in arrival order.
     events: Vec<VecDeque<(u64, u16, Message)>>,
@@ -51,6 +55,7 @@ impl Chaos {
             window: Window::new(spec.after, spec.window),
             spec,
             rng: Rng::new(seed),
+            sched: Rng::new(seed ^ 0x5ca1_ab1e_c4a0_5eed),
             events: (0..num_cpus).map(|_| VecDeque::new()).collect(),
             decisions: (0..num_cpus).map(|_| VecDeque::new()).collect(),
             next_stall_ns: u64::MAX,
@@ -61,10 +66,10 @@ impl Chaos {
     /// The window opened at `start_ns`: schedule the first stall and stop.
     pub(super) fn open(&mut self, start_ns: u64) {
         if !self.spec.stall_every.is_zero() {
-            self.next_stall_ns = start_ns + self.rng.exp(ns(self.spec.stall_every));
+            self.next_stall_ns = start_ns + self.sched.exp(ns(self.spec.stall_every));
         }
         if !self.spec.restart_every.is_zero() {
-            self.next_stop_ns = start_ns + self.rng.exp(ns(self.spec.restart_every));
+            self.next_stop_ns = start_ns + self.sched.exp(ns(self.spec.restart_every));
         }
     }
 
@@ -207,10 +212,10 @@ impl Chaos {
         if now < self.next_stop_ns || !self.window.active(now) {
             return None;
         }
-        self.next_stop_ns = now + self.rng.exp(ns(self.spec.restart_every));
+        self.next_stop_ns = now + self.sched.exp(ns(self.spec.restart_every));
         Some(Stop {
-            crash: self.rng.chance(self.spec.crash_p),
-            down_ns: self.rng.between(ns(self.spec.down.0), ns(self.spec.down.1)),
+            crash: self.sched.chance(self.spec.crash_p),
+            down_ns: self.sched.between(ns(self.spec.down.0), ns(self.spec.down.1)),
         })
     }
 
