@@ -81,6 +81,11 @@ impl Chaos {
         }
     }
 
+    /// How long after the first session the window opens.
+    pub(super) fn spec_after(&self) -> std::time::Duration {
+        self.spec.after
+    }
+
     /// Everything held back, whatever its release time.
     pub(super) fn held(&self) -> usize {
         self.events.iter().map(VecDeque::len).sum::<usize>()
@@ -215,7 +220,9 @@ impl Chaos {
         self.next_stop_ns = now + self.sched.exp(ns(self.spec.restart_every));
         Some(Stop {
             crash: self.sched.chance(self.spec.crash_p),
-            down_ns: self.sched.between(ns(self.spec.down.0), ns(self.spec.down.1)),
+            down_ns: self
+                .sched
+                .between(ns(self.spec.down.0), ns(self.spec.down.1)),
         })
     }
 

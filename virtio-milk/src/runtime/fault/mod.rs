@@ -188,12 +188,12 @@ impl<M: GuestMemory> Runtime<M> {
                 if c.window.open_at(now) {
                     let start = c.window.start().unwrap_or(now);
                     c.open(start);
-                    log::info!("chaos window opens");
+                    log::info!("chaos window: opens in {:?}", c.spec_after());
                 }
             }
             if let Some(h) = f.hostile.as_mut() {
                 if h.window.open_at(now) {
-                    log::info!("hostile window opens");
+                    log::info!("hostile window: session up, opens after the configured delay");
                 }
             }
         }
