@@ -138,20 +138,14 @@ fn chaos_on_the_channel_loses_nothing() {
         if let Some(p) = l.strip_prefix("TASKS2 p=") {
             tasks2 = Some(pids(p));
         } else if let Some(p) = l.strip_prefix("TASKS p=") {
-            // The guest idles now; the host's table is at most one snapshot period old.
-            let guest = pids(p);
+            // The guest idles for 3 s now; the host's table is at most one snapshot period
+            // old. Sample it through most of the idle time.
             let mut seen = Vec::new();
             for _ in 0..15 {
                 std::thread::sleep(Duration::from_millis(150));
-                if let Some(s) = ctl.snapshot() {
-                    let agree = s.task_pids.iter().copied().collect::<BTreeSet<_>>() == guest;
-                    seen.push(s);
-                    if agree {
-                        break;
-                    }
-                }
+                seen.extend(ctl.snapshot());
             }
-            tasks = Some((guest, seen));
+            tasks = Some((pids(p), seen));
         }
     })
     .expect("guest ran");
@@ -258,9 +252,13 @@ fn chaos_on_the_channel_loses_nothing() {
         guest.len(),
         agreeing.tasks
     );
-    assert_eq!(
-        agreeing.outstanding, 0,
-        "a CPU stayed committed: {agreeing}"
+    // A decision may be in flight at any one sample (the guest's shell still runs), but
+    // none stays: while the guest idles the host gets to no commitment at all.
+    let outstanding: Vec<usize> = seen.iter().map(|s| s.outstanding).collect();
+    println!("commitments outstanding while the guest idled: {outstanding:?}");
+    assert!(
+        outstanding.contains(&0),
+        "a CPU stayed committed while the guest idled: {outstanding:?}\n{last}"
     );
     let c1 = counters(&run, "C1");
     let fallbacks = num(&c1, "local_fallbacks");
