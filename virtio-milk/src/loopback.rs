@@ -434,8 +434,18 @@ impl LoopbackMemory {
         self.buf_base + self.queues.len() as u64 * u64::from(self.queue_size) * self.buf_bytes
     }
 
-    /// Driver-side queues for every queue index.
+    /// Driver-side queues for every queue index; their methods work on whatever memory
+    /// they are given (e.g. another mapping with this layout).
     pub fn driver_queues(&self, event_idx: bool) -> Vec<DriverQueue> {
+        self.queues
+            .iter()
+            .map(|q| DriverQueue::new(q.size, *q, event_idx))
+            .collect()
+    }
+
+    /// [`Self::driver_queues`] with the rings mapped once into `self.mem`
+    /// ([`DriverQueue::mapped`]): their methods must be given `self.mem`.
+    pub fn mapped_driver_queues(&self, event_idx: bool) -> Vec<DriverQueue> {
         self.queues
             .iter()
             .map(|q| DriverQueue::mapped(&self.mem, q.size, *q, event_idx))
@@ -1033,7 +1043,7 @@ pub fn run_loopback_with_swap(
     let mut guest = Guest {
         lm: &lm,
         cfg: &cfg,
-        queues: lm.driver_queues(cfg.event_idx),
+        queues: lm.mapped_driver_queues(cfg.event_idx),
         kick,
         irq,
         tasks,
