@@ -286,8 +286,18 @@ fn from<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
     line.find(marker).map(|i| &line[i..])
 }
 
+/// The step's output without the guest kernel's echo of its command line (which holds the
+/// guest script, so every marker the script prints).
+fn console(s: &StepResult) -> Vec<&str> {
+    s.stdout
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.contains("ommand line: "))
+        .collect()
+}
+
 fn lines_with<'a>(s: &'a StepResult, marker: &str) -> Vec<&'a str> {
-    s.stdout.iter().filter_map(|l| from(l, marker)).collect()
+    console(s).iter().filter_map(|l| from(l, marker)).collect()
 }
 
 fn one<'a>(s: &'a StepResult, marker: &str) -> &'a str {
@@ -303,7 +313,7 @@ fn json_after(line: &str, marker: &str) -> Value {
 }
 
 fn counters(s: &StepResult) -> HashMap<String, u64> {
-    s.stdout
+    console(s)
         .iter()
         .filter_map(|l| from(l, "MILKC ").map(|m| &m[6..]))
         .filter_map(|w| w.split_once('='))
@@ -412,9 +422,8 @@ fn twenty_in_process_swaps_fifo_rr_during_a_workload() {
         assert_eq!(r["result"]["to"], want, "swap {i}: {r}");
         assert_eq!(r["result"]["swapped_live"], true, "swap {i}: {r}");
     }
-    let pos = |m: &str| s.stdout.iter().position(|l| l.contains(m)).unwrap();
-    let last_swap = s
-        .stdout
+    let pos = |m: &str| console(s).iter().position(|l| l.contains(m)).unwrap();
+    let last_swap = console(s)
         .iter()
         .rposition(|l| l.contains("NESTED-SWAP "))
         .unwrap();
@@ -529,9 +538,8 @@ fn five_planned_cross_process_swaps_during_a_workload() {
         blackout_ms[blackout_ms.len() / 2],
         blackout_ms[blackout_ms.len() - 1]
     );
-    let pos = |m: &str| s.stdout.iter().position(|l| l.contains(m)).unwrap();
-    let last = s
-        .stdout
+    let pos = |m: &str| console(s).iter().position(|l| l.contains(m)).unwrap();
+    let last = console(s)
         .iter()
         .rposition(|l| l.contains("NESTED-XSWAP "))
         .unwrap();
@@ -558,8 +566,7 @@ fn five_planned_cross_process_swaps_during_a_workload() {
     );
     // milk-mon saw the start's counts, and nothing else.
     let b = fields(one(s, "BOOT id="));
-    let mon: Vec<_> = s
-        .stdout
+    let mon: Vec<_> = console(s)
         .iter()
         .filter_map(|l| from(l, "milk-mon: "))
         .map(fields)
@@ -646,9 +653,9 @@ fn three_kill_9_of_the_daemon_fall_back_and_reconnect() {
     for d in &ms {
         assert!(*d < 15_000.0, "fallback took {d} ms: {c}");
     }
-    let pos = |m: &str| s.stdout.iter().position(|l| l.contains(m)).unwrap();
+    let pos = |m: &str| console(s).iter().position(|l| l.contains(m)).unwrap();
     assert!(
-        s.stdout
+        console(s)
             .iter()
             .rposition(|l| l.contains("NESTED-KILL "))
             .unwrap()
