@@ -64,14 +64,17 @@ const COUNT_TASKS: &str =
 l=${l##*) };set -- $l;case ${39} in 0|3|5|7) n=$((n+1));;esac;done; };\
 C;echo TASKS n=$n;read -t 8 x <> /tmp/q;C;echo TASKS2 n=$n;";
 
-/// The guest: watchdog 10 s, wait for milk, the bridge's enable/disable/GOODBYE/timeout
-/// counts at the start (`BOOT ... en= dis= gb= to=`: the watchdog may have fired during
-/// boot, before the script set it to 10 s), workload batches until a line arrives on the
+/// The guest: watchdog 10 s, wait for milk to be enabled with enable/disable counts steady
+/// for 2 s (a fallback the 500 ms watchdog started during boot, before the script set it to
+/// 10 s, may still be in progress), the bridge's enable/disable/GOODBYE/timeout counts then
+/// (`BOOT ... en= dis= gb= to=`), workload batches until a line arrives on the
 /// console (or 900 s), then the end state, the counters and the task counts.
 fn guest_script() -> String {
     let s = format!(
-        "echo 10000 >/sys/kernel/milk/host_timeout_ms;{WAIT_ENABLED}W;\
-         M=/sys/kernel/milk;echo BOOT id=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) \
+        "echo 10000 >/sys/kernel/milk/host_timeout_ms;{WAIT_ENABLED}M=/sys/kernel/milk;\
+         S0(){{ echo $(cat $M/enables)-$(cat $M/disables); }};W;a=x;b=$(S0);j=0;\
+         while [ $a != $b ]&&[ $j -lt 30 ];do a=$b;usleep 2000000;W;b=$(S0);j=$((j+1));done;\
+         echo BOOT id=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) \
          en=$(cat $M/enables) dis=$(cat $M/disables) gb=$(cat $M/host_goodbyes) to=$(cat $M/host_timeouts) x=;\
          milk-mon -i 10 & m=$!;\
          (j=0;while [ ! -e /tmp/stop ]&&[ $j -lt 300 ];do milk-work -t 16 -r 10 -w 20000 -s 2000\
