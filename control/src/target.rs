@@ -7,16 +7,33 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use virtio_milk::control::{DeviceState, PolicyControl};
-use virtio_milk::metrics::{Histogram, Summary};
-use virtio_milk::protocol::AckStatus;
+use virtio_milk::metrics::Summary;
 
 use crate::proto::Request;
+use crate::report::{counters, merge, run_metrics};
 
-/// Swaps to a policy in another process (a vhost-user policy daemon behind `socket`). The
-/// KVM engine's vhost-user frontend implements it; without one, `swap --socket` is refused.
-pub trait RemoteSwap: Send + Sync {
+/// A policy in another process (a `milk-policy` vhost-user daemon): planned swaps to
+/// another daemon and the daemon's counters. milk-vmm's vhost-user frontend implements it
+/// (both engines); without one, `swap --socket` is refused.
+pub trait RemotePolicy: Send + Sync {
     /// Hand the queues to the daemon at `socket`; the result is the reply's `result`.
     fn swap_to_socket(&self, socket: &str) -> Result<Value, String>;
+    /// The frontend's view and the current daemon's stats.
+    fn status(&self) -> RemoteStatus;
+}
+
+/// What [`RemotePolicy::status`] reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemoteStatus {
+    /// `inactive` (the guest driver has not started the device), `disconnected` (the
+    /// daemon hung up; waiting for one), `unreachable` (connected, but its stats socket
+    /// did not answer), or the daemon's own state (`running`, `idle`).
+    pub state: String,
+    /// The `daemon` object: socket, pid, connected, hangups, reconnects, swaps.
+    pub daemon: Value,
+    /// The daemon's stats reply (`milk_policy_daemon::stats`): policy, cpus, runs,
+    /// ended_runs, ended_runs_ms, and `run` ([`run_metrics`] of its runtime, or null).
+    pub stats: Option<Value>,
 }
 
 /// Stops the VM (asynchronously: the VM's main loop ends soon after).
@@ -28,7 +45,7 @@ pub struct VmControl {
     boot_id: String,
     started: Instant,
     device: Option<Arc<dyn PolicyControl>>,
-    remote: Mutex<Option<Arc<dyn RemoteSwap>>>,
+    remote: Mutex<Option<Arc<dyn RemotePolicy>>>,
     stop: StopFn,
     stopping: AtomicBool,
 }
@@ -48,44 +65,6 @@ pub fn new_boot_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn hist(h: &Histogram) -> Value {
-    json!({
-        "count": h.count(),
-        "min_ns": h.min(),
-        "mean_ns": h.mean(),
-        "p50_ns": h.percentile(50.0),
-        "p90_ns": h.percentile(90.0),
-        "p99_ns": h.percentile(99.0),
-        "max_ns": h.max(),
-    })
-}
-
-fn acks(a: &[u64; AckStatus::COUNT]) -> Value {
-    let mut m = serde_json::Map::new();
-    for s in AckStatus::ALL {
-        m.insert(s.name().to_ascii_lowercase(), json!(a[s as usize]));
-    }
-    Value::Object(m)
-}
-
-fn counters(s: &Summary) -> Value {
-    let m = &s.metrics;
-    json!({
-        "messages": m.messages(),
-        "decisions_run": m.decisions_run,
-        "decisions_preempt": m.decisions_preempt,
-        "acks": acks(&m.acks),
-        "stale_events": m.stale_events,
-        "unknown_task_events": m.unknown_task_events,
-        "policy_rejects": m.policy_rejects,
-        "unmatched_acks": m.unmatched_acks,
-        "queue_full": m.queue_full,
-        "policy_swaps": m.policy_swaps,
-        "guest_fallbacks": m.guest_fallbacks,
-        "malformed": s.engine.malformed_total(),
-    })
-}
-
 impl VmControl {
     /// A VM run by `engine` (`kvm`, `qemu`) whose guest boots now, with its virtio-milk
     /// device (`None`: booted without a policy) and a way to stop it.
@@ -101,8 +80,9 @@ impl VmControl {
         }
     }
 
-    /// Lets `swap --socket` hand the queues to another process.
-    pub fn set_remote_swap(&self, r: Arc<dyn RemoteSwap>) {
+    /// The policy runs in another process: `swap --socket` hands the queues to another
+    /// daemon, `status` and `metrics` report the daemon's counters.
+    pub fn set_remote(&self, r: Arc<dyn RemotePolicy>) {
         *self.remote.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
     }
 
@@ -116,10 +96,23 @@ impl VmControl {
         self.stopping.load(Ordering::Acquire)
     }
 
+    fn remote(&self) -> Option<Arc<dyn RemotePolicy>> {
+        self.remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     fn device(&self) -> Result<&Arc<dyn PolicyControl>, String> {
-        self.device
-            .as_ref()
-            .ok_or_else(|| "this VM has no virtio-milk device (started without --policy)".into())
+        self.device.as_ref().ok_or_else(|| {
+            if self.remote().is_some() {
+                "the policy runs in a milk-policy daemon (--policy-socket): pause and \
+                 resume need an in-process policy (--policy); use swap --socket"
+                    .into()
+            } else {
+                "this VM has no virtio-milk device (started without --policy)".into()
+            }
+        })
     }
 
     /// Live counters of the running runtime, else those of the last run that ended.
@@ -171,7 +164,10 @@ impl VmControl {
             "policy_version": milk_policies::registry::VERSION,
         });
         let Some(d) = &self.device else {
-            v["state"] = json!("none");
+            match self.remote() {
+                Some(r) => remote_status(&mut v, &r.status()),
+                None => v["state"] = json!("none"),
+            }
             return v;
         };
         v["state"] = json!(d.state().name());
@@ -202,6 +198,11 @@ impl VmControl {
     }
 
     fn metrics(&self) -> Result<Value, String> {
+        if self.device.is_none() {
+            if let Some(r) = self.remote() {
+                return Ok(remote_metrics(&r.status()));
+            }
+        }
         let d = self.device()?;
         let mut total = Duration::ZERO;
         let runs = d.summaries();
@@ -211,66 +212,25 @@ impl VmControl {
         let Some(s) = self.current() else {
             return Ok(json!({ "state": d.state().name(), "runs": 0 }));
         };
-        let m = &s.metrics;
-        let mut by_type = serde_json::Map::new();
-        for ty in 0u16..128 {
-            let c = m.msgs_by_type[usize::from(ty)];
-            if c > 0 {
-                by_type.insert(
-                    virtio_milk::protocol::type_name(ty).to_ascii_lowercase(),
-                    json!(c),
-                );
-            }
-        }
-        Ok(json!({
+        let mut v = json!({
             "state": d.state().name(),
-            "policy": s.policy,
-            "run_elapsed_ms": s.elapsed.as_millis() as u64,
             "ended_runs": runs.len(),
             "ended_runs_ms": total.as_millis() as u64,
-            "session_id": s.session_id,
-            "counters": counters(&s),
-            "messages_by_type": Value::Object(by_type),
-            "injected": m.injected,
-            "discarded_on_start": m.discarded_on_start,
-            "dropped_old_decisions": m.dropped_old_decisions,
-            "session_sent": m.session_sent,
-            "engine": {
-                "event_chains": s.engine.event_chains,
-                "records_in": s.engine.records_in,
-                "records_out": s.engine.records_out,
-                "decision_chains": s.engine.decision_chains,
-                "decision_queue_empty": s.engine.decision_queue_empty,
-                "interrupts": s.engine.interrupts,
-                "interrupts_suppressed": s.engine.interrupts_suppressed,
-            },
-            "latency": {
-                "event_to_decision": hist(&m.latency),
-                "decision_to_ack": hist(&m.apply_latency),
-                "swap_stall": hist(&m.swap_stall),
-                "swap_blackout": hist(&m.swap_blackout),
-                "decision_gap": hist(&m.decision_gap),
-            },
-        }))
+        });
+        merge(&mut v, &run_metrics(&s));
+        Ok(v)
     }
 
     fn swap(&self, policy: Option<&str>, socket: Option<&str>) -> Result<Value, String> {
         match (policy, socket) {
             (Some(_), Some(_)) => Err("swap takes a policy or a socket, not both".into()),
             (None, None) => Err("swap needs a policy (NAME[:PARAMS]) or a socket".into()),
-            (None, Some(sock)) => {
-                let r = self
-                    .remote
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                match r {
-                    Some(r) => r.swap_to_socket(sock),
-                    None => Err("swap --socket needs milk-vmm's vhost-user frontend \
+            (None, Some(sock)) => match self.remote() {
+                Some(r) => r.swap_to_socket(sock),
+                None => Err("swap --socket needs milk-vmm's vhost-user frontend \
                                  (--policy-socket), which this VM does not use"
-                        .into()),
-                }
-            }
+                    .into()),
+            },
             (Some(spec), None) => {
                 let d = self.device()?;
                 let r = milk_policies::resolve(spec).map_err(|e| e.to_string())?;
@@ -285,4 +245,42 @@ impl VmControl {
             }
         }
     }
+}
+
+/// `status` of a VM whose policy runs in a daemon: the frontend's state and the daemon's
+/// policy, runs, session and counters (the same fields as an in-process device).
+fn remote_status(v: &mut Value, r: &RemoteStatus) {
+    v["state"] = json!(r.state);
+    v["daemon"] = r.daemon.clone();
+    let Some(st) = &r.stats else {
+        return;
+    };
+    for k in ["policy", "cpus", "runs"] {
+        v[k] = st[k].clone();
+    }
+    let run = &st["run"];
+    if run.is_object() {
+        for k in ["session_id", "session_established", "tasks", "counters"] {
+            v[k] = run[k].clone();
+        }
+    }
+}
+
+/// `metrics` of a VM whose policy runs in a daemon: the daemon's running (else last)
+/// runtime, as for an in-process device, plus the `daemon` object.
+fn remote_metrics(r: &RemoteStatus) -> Value {
+    let mut v = json!({ "state": r.state, "daemon": r.daemon });
+    let Some(st) = &r.stats else {
+        v["runs"] = json!(0);
+        return v;
+    };
+    let run = &st["run"];
+    if !run.is_object() {
+        v["runs"] = json!(0);
+        return v;
+    }
+    v["ended_runs"] = st["ended_runs"].clone();
+    v["ended_runs_ms"] = st["ended_runs_ms"].clone();
+    merge(&mut v, run);
+    v
 }

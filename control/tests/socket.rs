@@ -289,3 +289,121 @@ fn a_vm_without_policy_answers_status_and_refuses_policy_requests() {
         .mode();
     assert_eq!(mode & 0o777, 0o700, "a created socket directory is private");
 }
+
+/// Clients that hang up before reading their reply (a full request sent; `metrics` has the
+/// largest reply) or in the middle of a line, one after another: the server survives each,
+/// carries out no half request, and the next client is served on the same state.
+#[test]
+fn clients_hanging_up_mid_request_or_before_the_reply_are_survived() {
+    let r = rig(true);
+    let p = r.server.path();
+    for i in 0..10 {
+        let mut s = UnixStream::connect(p).unwrap();
+        s.write_all(b"{\"cmd\":\"metrics\"}\n").unwrap();
+        drop(s);
+        let mut s = UnixStream::connect(p).unwrap();
+        let half: &[u8] = b"{\"cmd\":\"swap\",\"policy\":\"rr\"}";
+        s.write_all(&half[..half.len() * (i + 1) / 11]).unwrap();
+        drop(s);
+    }
+    // The half swaps never ran; a full one still does.
+    let st = ask(p, &Request::Status).result.unwrap();
+    assert_eq!(st["policy"], "fifo", "{st}");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(r.dev.policy(), "fifo");
+    let sw = ask(
+        p,
+        &Request::Swap {
+            policy: Some("rr".into()),
+            socket: None,
+        },
+    );
+    assert!(sw.ok, "{sw:?}");
+    assert_eq!(r.dev.policy(), "rr");
+    assert_eq!(r.stops.load(Ordering::SeqCst), 0);
+}
+
+/// A policy served by another process as `status` / `metrics` report it, for each state
+/// the frontend can be in (milk-vmm's `RemoteDaemon` gives the real ones).
+struct FakeRemote(std::sync::Mutex<milk_control::RemoteStatus>);
+
+impl milk_control::RemotePolicy for FakeRemote {
+    fn swap_to_socket(&self, socket: &str) -> Result<serde_json::Value, String> {
+        Ok(serde_json::json!({ "socket": socket }))
+    }
+    fn status(&self) -> milk_control::RemoteStatus {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn a_remote_policy_reports_the_daemon_counters() {
+    use milk_control::RemoteStatus;
+    use serde_json::json;
+    let dir = tempfile::tempdir().unwrap();
+    let vm = Arc::new(VmControl::new("kvm", None, Box::new(|| Ok(()))));
+    let remote = Arc::new(FakeRemote(std::sync::Mutex::new(RemoteStatus {
+        state: "inactive".into(),
+        daemon: serde_json::Value::Null,
+        stats: None,
+    })));
+    vm.set_remote(remote.clone());
+    let s = ControlServer::bind(&dir.path().join("api.sock"), vm).unwrap();
+    let st = ask(s.path(), &Request::Status).result.unwrap();
+    assert_eq!(st["state"], "inactive", "{st}");
+    assert!(st.get("counters").is_none(), "{st}");
+    assert_eq!(ask(s.path(), &Request::Metrics).result.unwrap()["runs"], 0);
+
+    let daemon = json!({"socket": "/run/a.sock", "pid": 77, "connected": true, "hangups": 1,
+        "reconnects": 1, "swaps": 2});
+    let run = json!({"policy": "fifo", "run_elapsed_ms": 5, "session_id": 9,
+        "session_established": true, "tasks": 12, "counters": {"messages": 40},
+        "latency": {"event_to_decision": {"count": 3}}});
+    *remote.0.lock().unwrap() = RemoteStatus {
+        state: "running".into(),
+        daemon: daemon.clone(),
+        stats: Some(
+            json!({"pid": 77, "policy": "fifo", "cpus": 2, "state": "running",
+            "runs": 1, "ended_runs": 0, "ended_runs_ms": 0, "run": run}),
+        ),
+    };
+    let st = ask(s.path(), &Request::Status).result.unwrap();
+    assert_eq!(st["engine"], "kvm");
+    assert_eq!(st["state"], "running");
+    assert_eq!(
+        (st["policy"].as_str(), st["cpus"].as_u64()),
+        (Some("fifo"), Some(2))
+    );
+    assert_eq!(
+        (st["session_id"].as_u64(), st["tasks"].as_u64()),
+        (Some(9), Some(12))
+    );
+    assert_eq!(st["counters"]["messages"], 40);
+    assert_eq!(st["daemon"], daemon);
+    let m = ask(s.path(), &Request::Metrics).result.unwrap();
+    assert_eq!(m["state"], "running");
+    assert_eq!(m["counters"]["messages"], 40);
+    assert_eq!(m["latency"]["event_to_decision"]["count"], 3);
+    assert_eq!(m["daemon"]["pid"], 77);
+
+    // The daemon hung up: the frontend's numbers, no counters.
+    *remote.0.lock().unwrap() = RemoteStatus {
+        state: "disconnected".into(),
+        daemon: json!({"socket": "/run/a.sock", "connected": false}),
+        stats: None,
+    };
+    let st = ask(s.path(), &Request::Status).result.unwrap();
+    assert_eq!(st["state"], "disconnected");
+    assert!(st.get("counters").is_none(), "{st}");
+    // pause/resume say why they cannot work; swap --socket reaches the remote.
+    let e = ask(s.path(), &Request::Pause).error.unwrap();
+    assert!(e.contains("milk-policy daemon"), "{e}");
+    let sw = ask(
+        s.path(),
+        &Request::Swap {
+            policy: None,
+            socket: Some("/run/b.sock".into()),
+        },
+    );
+    assert_eq!(sw.result.unwrap()["socket"], "/run/b.sock");
+}

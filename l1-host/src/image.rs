@@ -1,5 +1,5 @@
-//! The L1 initramfs: a base archive (busybox, the L1 `/init`, milk-vmm and
-//! milkctl with their shared libraries) followed by a job archive (the
+//! The L1 initramfs: a base archive (busybox, the L1 `/init`, milk-vmm,
+//! milkctl and milk-policy with their shared libraries) followed by a job archive (the
 //! job's files and `/job/steps.sh`). Both are uncompressed newc cpio
 //! written by `milk_images::cpio` (fixed order, owners, mtimes): the kernel
 //! unpacks concatenated archives in order, an uncompressed one costs no
@@ -22,15 +22,21 @@ pub struct Binaries {
     pub milk_vmm: PathBuf,
     /// milkctl, the control-socket client, when it exists.
     pub milkctl: Option<PathBuf>,
+    /// milk-policy, the vhost-user policy daemon, when it exists.
+    pub milk_policy: Option<PathBuf>,
 }
 
 impl Binaries {
-    /// milk-vmm at `path`, and milkctl from the same directory if built.
+    /// milk-vmm at `path`, and milkctl and milk-policy from the same directory if built.
     pub fn beside(milk_vmm: impl Into<PathBuf>) -> Self {
         let milk_vmm = milk_vmm.into();
-        let ctl = milk_vmm.with_file_name("milkctl");
+        let near = |name: &str| {
+            let p = milk_vmm.with_file_name(name);
+            p.is_file().then_some(p)
+        };
         Binaries {
-            milkctl: ctl.is_file().then_some(ctl),
+            milkctl: near("milkctl"),
+            milk_policy: near("milk-policy"),
             milk_vmm,
         }
     }
@@ -140,6 +146,9 @@ pub fn base_entries(bins: &Binaries) -> Result<Vec<Entry>, Error> {
     let mut programs = vec![("milk-vmm", &bins.milk_vmm)];
     if let Some(c) = &bins.milkctl {
         programs.push(("milkctl", c));
+    }
+    if let Some(p) = &bins.milk_policy {
+        programs.push(("milk-policy", p));
     }
     let mut libs: Vec<PathBuf> = Vec::new();
     for (name, path) in &programs {

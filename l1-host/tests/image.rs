@@ -49,6 +49,7 @@ fn same_inputs_give_the_same_bytes() {
     let bins = Binaries {
         milk_vmm: stand_in(),
         milkctl: None,
+        milk_policy: None,
     };
     let j = job(d.path());
     let a = image::build(&bins, &j).unwrap();
@@ -79,9 +80,12 @@ fn image_carries_init_busybox_the_vmm_its_libraries_and_the_job() {
     let d = tempfile::tempdir().unwrap();
     let ctl = d.path().join("milkctl");
     std::fs::copy(stand_in(), &ctl).unwrap();
+    let pol = d.path().join("milk-policy");
+    std::fs::copy(stand_in(), &pol).unwrap();
     let bins = Binaries {
         milk_vmm: stand_in(),
         milkctl: Some(ctl),
+        milk_policy: Some(pol),
     };
     let bytes = image::build(&bins, &job(d.path())).unwrap();
     let n = names(&bytes);
@@ -91,6 +95,7 @@ fn image_carries_init_busybox_the_vmm_its_libraries_and_the_job() {
         "bin/sh",
         "bin/milk-vmm",
         "bin/milkctl",
+        "bin/milk-policy",
         "dev/console",
         "lib64/ld-linux-x86-64.so.2",
         "lib/x86_64-linux-gnu/libc.so.6",
@@ -120,5 +125,11 @@ fn milkctl_is_picked_up_beside_milk_vmm_when_built() {
     assert_eq!(
         Binaries::beside(&vmm).milkctl,
         Some(d.path().join("milkctl"))
+    );
+    assert!(Binaries::beside(&vmm).milk_policy.is_none());
+    std::fs::write(d.path().join("milk-policy"), b"x").unwrap();
+    assert_eq!(
+        Binaries::beside(&vmm).milk_policy,
+        Some(d.path().join("milk-policy"))
     );
 }

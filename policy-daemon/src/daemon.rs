@@ -9,6 +9,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::backend::{BackendConfig, BackendError, MilkBackend};
+use crate::stats::StatsServer;
 
 /// Daemon errors.
 #[derive(Debug, thiserror::Error)]
@@ -34,11 +35,19 @@ pub struct Listening {
     listener: Listener,
     backend: Arc<MilkBackend>,
     socket: PathBuf,
+    stats: StatsServer,
 }
 
 /// Bind `socket` (an existing file there is replaced) for a backend with `cfg`.
 pub fn listen(socket: &Path, cfg: BackendConfig) -> Result<Listening, DaemonError> {
+    let (policy, cpus) = (cfg.policy.clone(), cfg.num_cpus);
     let backend = Arc::new(MilkBackend::new(cfg)?);
+    let stats = StatsServer::start(socket, backend.clone(), policy, cpus).map_err(|e| {
+        DaemonError::Listen {
+            path: crate::stats::stats_path(socket),
+            err: e.to_string(),
+        }
+    })?;
     let listener = Listener::new(socket, true).map_err(|e| DaemonError::Listen {
         path: socket.to_owned(),
         err: e.to_string(),
@@ -47,6 +56,7 @@ pub fn listen(socket: &Path, cfg: BackendConfig) -> Result<Listening, DaemonErro
         listener,
         backend,
         socket: socket.to_owned(),
+        stats,
     })
 }
 
@@ -59,6 +69,11 @@ impl Listening {
     /// The socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
+    }
+
+    /// The stats socket path (`<socket>.stats`).
+    pub fn stats_socket(&self) -> &Path {
+        self.stats.path()
     }
 
     /// Accept one frontend and serve it until it hangs up; a runtime still running then

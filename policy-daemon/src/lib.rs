@@ -7,6 +7,7 @@
 //!   up and reconnect, recovering ring positions from guest memory.
 //! - `ivshmem` (feature `ivshmem`): the same for the QEMU engine's ivshmem transport.
 //! - [`daemon`]: bind a socket and serve one frontend (what `milk-policy` runs).
+//! - [`stats`]: the daemon's stats socket (`<socket>.stats`), read for `milkctl status`.
 //! - [`state`]: the device state handed from one daemon to the next in a planned swap.
 //!
 //! See `docs/vhost-user.md`.
@@ -19,3 +20,4 @@ pub mod frontend;
 #[cfg(feature = "ivshmem")]
 pub mod ivshmem;
 pub mod state;
+pub mod stats;

@@ -42,6 +42,65 @@ fn daemon_schedules_a_fake_guest_and_exits_when_the_frontend_leaves() {
     assert!(status.success(), "{status}");
 }
 
+/// `<socket>.stats` (what milk-vmm reads for `milkctl status` with `--policy-socket`):
+/// mode 0600, the daemon's pid, policy and state, and counters that follow the runtime;
+/// removed when the daemon exits.
+#[test]
+fn stats_socket_reports_the_running_runtime_counters() {
+    use milk_policy_daemon::stats;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("a.sock");
+    let mut d = Daemon::start(&sock, CPUS);
+    let path = stats::stats_path(&sock);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "stats socket mode {mode:o}");
+    let idle = stats::query(&sock, Duration::from_secs(5)).expect("stats before the frontend");
+    assert_eq!(idle["state"], "idle", "{idle}");
+    assert_eq!(idle["runs"], 0, "{idle}");
+    assert!(idle["run"].is_null(), "{idle}");
+    assert_eq!(idle["pid"], d.child.id(), "{idle}");
+    let mut g = FakeGuest::new(CPUS, TASKS);
+    let fe = MilkFrontend::start(&sock, g.setup()).expect("frontend start");
+    assert!(g.run_until(Duration::from_secs(20), |g| g.run_times.len() >= 300));
+    // The runtime's snapshot is at most one period (100 ms) old; keep the guest going.
+    let mut seen = None;
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        g.run_for(Duration::from_millis(100));
+        let st = stats::query(&sock, Duration::from_secs(5)).expect("stats while running");
+        if st["run"]["counters"]["decisions_run"].as_u64().unwrap_or(0) >= 300 {
+            seen = Some(st);
+            break;
+        }
+    }
+    let st = seen.expect("the stats caught up with the runtime");
+    println!("{st}");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(
+        (st["policy"].as_str(), st["cpus"].as_u64()),
+        (Some("fifo"), Some(2))
+    );
+    assert_eq!(st["runs"], 1, "{st}");
+    let run = &st["run"];
+    assert_eq!(run["session_id"], g.session, "{st}");
+    assert_eq!(run["session_established"], true, "{st}");
+    assert_eq!(run["tasks"].as_u64(), Some(u64::from(TASKS)), "{st}");
+    let c = &run["counters"];
+    assert!(c["acks"]["ok"].as_u64().unwrap() > 0, "{st}");
+    assert!(c["messages"].as_u64().unwrap() > c["decisions_run"].as_u64().unwrap() / 2);
+    assert_eq!(c["malformed"], 0, "{st}");
+    assert!(
+        run["latency"]["event_to_decision"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    fe.stop();
+    d.wait_exit(Duration::from_secs(10)).expect("daemon exits");
+    assert!(!path.exists(), "stats socket removed at exit");
+}
+
 #[test]
 fn daemon_for_another_cpu_count_is_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use clap::{Parser, ValueEnum};
 use milk_control::{ControlServer, VmControl};
 use milk_launcher::{choose_engine, detect_kvm, End, Engine, EngineChoice, Run, StopFn};
 use milk_policy_daemon::frontend::FrontendSlot;
-use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
+use milk_vmm::devices::virtio::vhost_user::{RemoteDaemon, VhostUserMilkDevice};
 use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
 use virtio_milk::control::PolicyControl;
 use virtio_milk::runtime::{ChaosSpec, HostileSpec, RuntimeConfig};
@@ -150,10 +150,11 @@ impl Api {
         Ok(())
     }
 
-    /// Lets `milkctl swap --socket` reach the vhost-user frontend.
+    /// Lets `milkctl swap --socket` reach the vhost-user frontend, and `status` /
+    /// `metrics` the daemon's counters.
     fn set_remote(&self, slot: FrontendSlot) {
         if let Some(vm) = &self.vm {
-            vm.set_remote_swap(Arc::new(SocketSwap(slot)));
+            vm.set_remote(Arc::new(RemoteDaemon(slot)));
         }
     }
 }

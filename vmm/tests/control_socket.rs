@@ -182,6 +182,29 @@ fn kvm_engine_status_swap_pause_resume_stop() {
     assert!(!c.raw("{\"cmd\":").unwrap().ok);
     drop(c);
 
+    // Clients that hang up mid-line or before reading their reply: milk-vmm keeps
+    // running (no SIGPIPE death), the half requests never run, nothing changed.
+    for _ in 0..5 {
+        use std::io::Write;
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        u.write_all(b"{\"cmd\":\"stop\"").unwrap();
+        drop(u);
+        let mut u = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        u.write_all(b"{\"cmd\":\"metrics\"}\n").unwrap();
+        drop(u);
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let st = ok(&sock, Request::Status);
+    assert_eq!(
+        (st["state"].as_str(), st["policy"].as_str()),
+        (Some("running"), Some("fifo"))
+    );
+    assert_eq!(st["boot_id"], boot.as_str());
+    assert!(
+        vmm.child.try_wait().unwrap().is_none(),
+        "milk-vmm still runs"
+    );
+
     let sw = ok(&sock, swap("fifo:slice_us=500"));
     assert_eq!(sw["swapped_live"], true);
     let p = ok(&sock, Request::Pause);

@@ -6,7 +6,9 @@
 //!
 //! - `qemu_engine_policy_socket_swap_through_the_control_socket`: exit status 0, the
 //!   workload correct, sched_ext enabled once and never disabled, the swap reply carries
-//!   the blackout and the handed-over task table, the new daemon continued the session.
+//!   the blackout and the handed-over task table, the new daemon continued the session;
+//!   `status` and `metrics` report the daemon's counters (read from its stats socket)
+//!   before and after the swap, and follow the swap to the new daemon.
 
 mod common;
 
@@ -80,11 +82,14 @@ fn qemu_engine_policy_socket_swap_through_the_control_socket() {
     let mut console = Vec::new();
     let mut reply = None;
     let mut d1 = None;
+    let mut before = None;
+    let mut after = None;
     for line in BufReader::new(out).lines().map_while(Result::ok) {
         println!("vm| {line}");
         if line.contains("milk-work: start") && reply.is_none() {
-            d1 = Some(daemon_on(&s1));
             let mut c = Client::connect(&api, Duration::from_secs(10)).expect("control socket");
+            before = Some(c.request(&Request::Status).expect("status reply"));
+            d1 = Some(daemon_on(&s1));
             reply = Some(
                 c.request(&Request::Swap {
                     policy: None,
@@ -92,6 +97,12 @@ fn qemu_engine_policy_socket_swap_through_the_control_socket() {
                 })
                 .expect("swap reply"),
             );
+            // The new daemon's runtime publishes its first snapshot within 100 ms.
+            std::thread::sleep(Duration::from_millis(500));
+            after = Some((
+                c.request(&Request::Status).expect("status reply"),
+                c.request(&Request::Metrics).expect("metrics reply"),
+            ));
         }
         console.push(line);
     }
@@ -114,6 +125,41 @@ fn qemu_engine_policy_socket_swap_through_the_control_socket() {
     let blackout_us = r["blackout_us"].as_u64().unwrap();
     assert!(blackout_us < 250_000, "{r}");
     assert!(r["tasks"].as_u64().unwrap() > 32, "{r}");
+    // status: the daemon's counters, before and after the swap.
+    let before = before.expect("status before the swap");
+    assert!(before.ok, "{before:?}");
+    let b = before.result.unwrap();
+    println!("status before the swap: {b}");
+    assert_eq!(b["engine"], "qemu", "{b}");
+    assert_eq!(b["state"], "running", "{b}");
+    assert_eq!(b["policy"], "fifo", "{b}");
+    assert_eq!(b["daemon"]["socket"], s0.display().to_string(), "{b}");
+    assert_eq!(
+        b["daemon"]["pid"],
+        std::process::id(),
+        "daemons run in the test: {b}"
+    );
+    assert_eq!(b["daemon"]["swaps"], 0, "{b}");
+    assert_eq!(b["session_established"], true, "{b}");
+    assert!(b["counters"]["decisions_run"].as_u64().unwrap() > 0, "{b}");
+    assert!(b["counters"]["acks"]["ok"].as_u64().unwrap() > 0, "{b}");
+    assert_eq!(b["counters"]["malformed"], 0, "{b}");
+    let (st, m) = after.expect("status after the swap");
+    assert!(st.ok && m.ok, "{st:?} {m:?}");
+    let (st, m) = (st.result.unwrap(), m.result.unwrap());
+    println!("status after the swap: {st}\nmetrics after the swap: {m}");
+    assert_eq!(st["state"], "running", "{st}");
+    assert_eq!(st["daemon"]["socket"], s1.display().to_string(), "{st}");
+    assert_eq!(st["daemon"]["swaps"], 1, "{st}");
+    assert_eq!(
+        st["session_id"], b["session_id"],
+        "the session continued: {st}"
+    );
+    assert!(st["counters"].is_object(), "{st}");
+    assert_eq!(m["daemon"]["socket"], s1.display().to_string(), "{m}");
+    assert_eq!(m["session_id"], b["session_id"], "{m}");
+    assert!(m["latency"]["event_to_decision"].is_object(), "{m}");
+    assert!(m["messages_by_type"].is_object(), "{m}");
     // The old daemon left after the swap; the new one continued the session.
     let b0 = d0.join().unwrap();
     assert!(matches!(

@@ -117,6 +117,22 @@ fn print_counters(c: &Value) {
     );
 }
 
+/// The `daemon` object of a VM whose policy runs in milk-policy (`--policy-socket`).
+fn print_daemon(r: &Value) {
+    let d = &r["daemon"];
+    if d.is_object() {
+        println!(
+            "daemon:     {} (pid {}, connected {}); swaps {}, hang-ups {}, reconnects {}",
+            s(d, "socket"),
+            s(d, "pid"),
+            s(d, "connected"),
+            s(d, "swaps"),
+            s(d, "hangups"),
+            s(d, "reconnects")
+        );
+    }
+}
+
 fn human(cmd: &Cmd, r: &Value) {
     match cmd {
         Cmd::Status => {
@@ -135,6 +151,7 @@ fn human(cmd: &Cmd, r: &Value) {
                 s(r, "session_id"),
                 s(r, "session_established")
             );
+            print_daemon(r);
             if let Some(c) = r.get("counters") {
                 print_counters(c);
             }
@@ -164,6 +181,7 @@ fn human(cmd: &Cmd, r: &Value) {
                 s(r, "policy"),
                 s(r, "run_elapsed_ms")
             );
+            print_daemon(r);
             if let Some(c) = r.get("counters") {
                 print_counters(c);
             }

@@ -257,11 +257,16 @@ impl Drop for VhostUserMilkDevice {
     }
 }
 
-/// `milkctl swap --socket PATH` for a VM whose virtio-milk rings a daemon serves (either
-/// engine): a planned swap through the frontend, the report as the reply's result.
-pub struct SocketSwap(pub FrontendSlot);
+/// How long `milkctl status` waits for the daemon's stats socket.
+const STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-impl milk_control::RemoteSwap for SocketSwap {
+/// The control socket's view of a policy daemon serving the rings (either engine):
+/// `milkctl swap --socket PATH` is a planned swap through the frontend (the report is the
+/// reply's result); `status` / `metrics` are the frontend's state plus the current
+/// daemon's counters, read from its stats socket ([`milk_policy_daemon::stats`]).
+pub struct RemoteDaemon(pub FrontendSlot);
+
+impl milk_control::RemotePolicy for RemoteDaemon {
     fn swap_to_socket(&self, socket: &str) -> Result<serde_json::Value, String> {
         let r = self.0.swap(Path::new(socket)).map_err(|e| e.to_string())?;
         Ok(serde_json::json!({
@@ -272,5 +277,47 @@ impl milk_control::RemoteSwap for SocketSwap {
             "tasks": r.pids.len(),
             "ring_bases": r.bases,
         }))
+    }
+
+    fn status(&self) -> milk_control::RemoteStatus {
+        let Some(fe) = self.0.status() else {
+            return milk_control::RemoteStatus {
+                state: "inactive".into(),
+                daemon: serde_json::Value::Null,
+                stats: None,
+            };
+        };
+        let mut daemon = serde_json::json!({
+            "socket": fe.path,
+            "connected": fe.connected,
+            "hangups": fe.hangups,
+            "reconnects": fe.reconnects,
+            "swaps": fe.swaps,
+        });
+        if !fe.connected {
+            return milk_control::RemoteStatus {
+                state: "disconnected".into(),
+                daemon,
+                stats: None,
+            };
+        }
+        match milk_policy_daemon::stats::query(&fe.path, STATS_TIMEOUT) {
+            Ok(st) => {
+                daemon["pid"] = st["pid"].clone();
+                milk_control::RemoteStatus {
+                    state: st["state"].as_str().unwrap_or("unreachable").to_owned(),
+                    daemon,
+                    stats: Some(st),
+                }
+            }
+            Err(e) => {
+                daemon["stats_error"] = serde_json::json!(e.to_string());
+                milk_control::RemoteStatus {
+                    state: "unreachable".into(),
+                    daemon,
+                    stats: None,
+                }
+            }
+        }
     }
 }
