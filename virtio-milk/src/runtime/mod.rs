@@ -16,6 +16,8 @@ mod dispatch;
 mod handle;
 mod handover;
 mod inject;
+#[cfg(feature = "invariants")]
+mod invariants;
 mod session;
 mod swap;
 mod tasks;
