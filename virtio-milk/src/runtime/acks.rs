@@ -276,7 +276,9 @@ impl<M: GuestMemory> Runtime<M> {
             self.unpend(cpu, commit.gtid);
             let mut requeue = false;
             if let Some(t) = self.view.tasks.get_mut(&commit.gtid) {
-                if t.state == TaskState::Dispatched(cpu) && t.seq == commit.seq {
+                // Whatever its seq now: an event that bumped it without changing the
+                // task's state (TASK_PRIORITY, TASK_AFFINITY) leaves it waiting for this RUN.
+                if t.state == TaskState::Dispatched(cpu) {
                     t.state = TaskState::Runnable;
                     requeue = true;
                 }
