@@ -4,7 +4,7 @@
 //! (`write_boot_info`: MP table, e820, zero page or PVH start info) for what was loaded.
 //!
 //! Properties: no panic, a clear error for a bad file; a kernel that loads ends inside
-//! guest RAM and past its entry point's segment start; an initramfs that loads lies above
+//! guest RAM; an initramfs that loads lies above
 //! the kernel's initial footprint and inside RAM.
 
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ fn kernel_bytes(inp: &mut Input<'_>) -> Vec<u8> {
     match shape % 4 {
         // ELF magic, then the input.
         1 => {
-            k.splice(0..0.min(k.len()), *b"\x7fELF");
+            k.splice(0..0, *b"\x7fELF");
         }
         // bzImage: the input, padded to hold "HdrS" at 0x202.
         2 => {

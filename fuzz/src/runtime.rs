@@ -74,7 +74,8 @@ impl Guest<'_> {
             let q = usize::from(cpu) * 2 + 1;
             while let Some((head, len)) = self.dq[q].pop_used(&self.lm.mem) {
                 assert!(
-                    len as usize % RECORD_SIZE == 0 && len as usize <= BATCH * RECORD_SIZE,
+                    (len as usize).is_multiple_of(RECORD_SIZE)
+                        && len as usize <= BATCH * RECORD_SIZE,
                     "used length {len}"
                 );
                 let a = self.lm.buffer(q as u16, head);
