@@ -28,8 +28,19 @@ pub const TARGETS: [&str; 8] = [
     "control_proto",
 ];
 
+/// Longest input per target (libFuzzer `-max_len`): the operation-sequence targets stay
+/// short enough for many executions; the file and text targets keep libFuzzer's default.
+fn max_len(target: &str) -> Option<usize> {
+    match target {
+        "queue_engine" => Some(512),
+        "runtime" | "mmio" => Some(256),
+        "ivshmem_regs" => Some(192),
+        _ => None,
+    }
+}
+
 /// Seconds each target fuzzes in `cargo xtask test` (override: `MILK_FUZZ_SECONDS`).
-const CI_SECONDS: u64 = 20;
+const CI_SECONDS: u64 = 15;
 
 /// Codegen flags for coverage-guided fuzzing (what `cargo fuzz` passes), with debug
 /// assertions and overflow checks on so arithmetic on guest values is checked too.
@@ -174,6 +185,9 @@ pub fn run_target(bin_dir: &Path, target: &str, seconds: u64, work: &Path) -> Re
     let dict = fuzz_dir().join("dict").join(format!("{target}.dict"));
     if dict.is_file() {
         cmd.arg(format!("-dict={}", dict.display()));
+    }
+    if let Some(n) = max_len(target) {
+        cmd.arg(format!("-max_len={n}"));
     }
     if seconds == 0 {
         cmd.arg("-runs=0");
