@@ -1,18 +1,19 @@
-//! The L1 host kernel: the guest's pinned Linux source (same tarball, same
-//! patch series) configured with `tinyconfig` + `config/l1.config` (KVM and
-//! KVM_AMD built in, serial consoles, no modules), built reproducibly into
-//! the project cache next to the guest kernel:
+//! The L1 host kernel: the guest's pinned Linux source tarball, unpatched
+//! (the L1 only runs milk-vmm on KVM; none of the guest series concerns it),
+//! configured with `tinyconfig` + `config/l1.config` (KVM and KVM_AMD built
+//! in, serial consoles, no modules), built reproducibly into the project
+//! cache next to the guest kernel:
 //!
 //! ```text
 //! cache/
-//!   src/linux-<sha12>/        shared with the guest kernel (same series)
+//!   src/linux-<sha12>-l1/     pristine tree (the guest's tree carries the series)
 //!   build/l1-<sha12>/         make O= directory of the L1 kernel
 //!   kernels/l1-<key>/         bzImage, config, info, build.log
 //! ```
 //!
-//! The key hashes the tarball, the L1 fragment and the patch series. Builds
-//! take the guest kernel's lock file, so the shared source tree never
-//! changes under a running make and two kernel builds never share the CPUs.
+//! The key hashes the tarball and the L1 fragment, so changing the guest
+//! series does not rebuild the L1. Builds take the guest kernel's lock file,
+//! so two kernel builds never share the CPUs.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -38,7 +39,7 @@ pub struct L1Kernel {
     pub config: PathBuf,
     /// Kernel release, e.g. `6.12.117`.
     pub version: String,
-    /// Cache key (hash of source, L1 fragment and patches).
+    /// Cache key (hash of the source tarball and the L1 fragment).
     pub key: String,
     /// sha256 of `bzimage`.
     pub bzimage_sha256: String,
@@ -46,16 +47,14 @@ pub struct L1Kernel {
     pub cache_hit: bool,
 }
 
-/// The cache key for a (tarball, fragment, series) triple.
-pub fn cache_key(tarball_sha: &str, fragment: &str, series_digest: &str) -> String {
+/// The cache key for a (tarball, fragment) pair.
+pub fn cache_key(tarball_sha: &str, fragment: &str) -> String {
     let mut h = Sha256::new();
-    // Bump when the build recipe changes the output.
-    h.update(b"milk-l1-kernel-v1\0");
+    // Bump when the build recipe changes the output (v2: unpatched source).
+    h.update(b"milk-l1-kernel-v2\0");
     h.update(tarball_sha.as_bytes());
     h.update([0]);
     h.update(fragment.as_bytes());
-    h.update([0]);
-    h.update(series_digest.as_bytes());
     crate::hex(&h.finalize())[..24].to_string()
 }
 
@@ -88,12 +87,11 @@ pub fn build(opts: &milk_guest_kernel::BuildOptions) -> Result<L1Kernel, Error> 
     let fpath = fragment_path();
     let fragment_text = fs::read_to_string(&fpath).map_err(|e| Error::io(&fpath, e))?;
     let fragment = KConfig::parse(&fragment_text)?;
-    let series = Series::load(&milk_guest_kernel::patches_dir())?;
     if !opts.tarball.exists() {
         host_deps::ensure()?;
     }
     let tarball_sha = source::tarball_sha256(&opts.tarball, &opts.cache)?;
-    let key = cache_key(&tarball_sha, &fragment_text, &series.digest());
+    let key = cache_key(&tarball_sha, &fragment_text);
     let out_dir = opts.cache.join("kernels").join(format!("l1-{key}"));
     if !opts.clean {
         if let Some(k) = read_info(&out_dir, &key, true) {
@@ -109,12 +107,15 @@ pub fn build(opts: &milk_guest_kernel::BuildOptions) -> Result<L1Kernel, Error> 
         }
     }
     let short = &tarball_sha[..12];
-    let src = opts.cache.join("src").join(format!("linux-{short}"));
+    let src = opts.cache.join("src").join(format!("linux-{short}-l1"));
     if !src.join("Makefile").exists() {
+        eprintln!("[l1-kernel] unpacking the pristine source for the L1 kernel");
         source::extract(&opts.tarball, &src)?;
     }
     let version = source::tree_version(&src)?;
-    patches::sync(&src, &series)?;
+    // A tree that once carried patches (or an interrupted sync) goes back
+    // to pristine; a fresh extraction is a no-op.
+    patches::sync(&src, &Series::default())?;
     let build_dir = if opts.clean {
         let d = opts.cache.join("build").join(format!("l1-clean-{key}"));
         if d.exists() {
@@ -224,11 +225,10 @@ mod tests {
 
     #[test]
     fn cache_key_depends_on_every_input() {
-        let base = cache_key("aa", "CONFIG_KVM=y\n", "s1");
-        assert_eq!(base, cache_key("aa", "CONFIG_KVM=y\n", "s1"));
-        assert_ne!(base, cache_key("ab", "CONFIG_KVM=y\n", "s1"));
-        assert_ne!(base, cache_key("aa", "CONFIG_KVM=n\n", "s1"));
-        assert_ne!(base, cache_key("aa", "CONFIG_KVM=y\n", "s2"));
+        let base = cache_key("aa", "CONFIG_KVM=y\n");
+        assert_eq!(base, cache_key("aa", "CONFIG_KVM=y\n"));
+        assert_ne!(base, cache_key("ab", "CONFIG_KVM=y\n"));
+        assert_ne!(base, cache_key("aa", "CONFIG_KVM=n\n"));
         // Never the guest kernel's key for the same inputs.
         assert_ne!(
             base,

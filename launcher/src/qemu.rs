@@ -38,6 +38,8 @@ pub struct GuestConfig {
     pub timeout: Option<Duration>,
     /// Host policy (`NAME[:PARAMS]`): attach virtio-milk and serve it.
     pub policy: Option<String>,
+    /// Host runtime knobs for that policy (fault modes included).
+    pub runtime: virtio_milk::runtime::RuntimeConfig,
 }
 
 /// Stops a running VM from another thread (the control socket's `stop`).
@@ -180,7 +182,7 @@ pub fn run_qemu(config: &GuestConfig, on_start: OnStart<'_>) -> Result<Run, Laun
         config.cpus,
         config.memory_mib,
         policy,
-        virtio_milk::runtime::RuntimeConfig::default(),
+        config.runtime,
         None,
     )?;
     host.apply(&mut spec);
@@ -225,6 +227,7 @@ mod tests {
             echo_console: false,
             timeout: None,
             policy: Some("fifo".into()),
+            runtime: Default::default(),
         }
     }
 

@@ -7,6 +7,7 @@
 //!   mirrors `include/virtio_milk.h`).
 //! - [`queue`]: device-side virtqueue engine (pop/validate events, push decisions,
 //!   EVENT_IDX, interrupts), transport agnostic.
+//! - [`vring`]: the device side of one split virtqueue, its rings translated once.
 //! - [`device`]: the transport-facing device model (ID, features, config space, activate /
 //!   reset) shared by the virtio-mmio and ivshmem transports.
 //! - [`control`]: [`control::MilkControl`], the one handle on a device shared by its
@@ -29,3 +30,4 @@ pub mod policy;
 pub mod protocol;
 pub mod queue;
 pub mod runtime;
+pub mod vring;

@@ -233,6 +233,8 @@ pub struct Metrics {
     pub decision_gap: Histogram,
     /// The last RUN the policy swapped out last had written (for late-replay tests).
     pub last_run_before_swap: Option<crate::runtime::RawDecision>,
+    /// Faults a chaos or hostile-host run injected (all zero otherwise).
+    pub faults: crate::runtime::FaultCounts,
 }
 
 impl Default for Metrics {
@@ -273,6 +275,7 @@ impl Default for Metrics {
             swap_blackout: Histogram::default(),
             decision_gap: Histogram::default(),
             last_run_before_swap: None,
+            faults: crate::runtime::FaultCounts::default(),
         }
     }
 }
@@ -311,6 +314,8 @@ pub struct Summary {
     pub session_established: bool,
     /// Tasks in the runtime's task table.
     pub tasks: usize,
+    /// Their pids, sorted (to compare with the guest's own list).
+    pub task_pids: Vec<u32>,
     /// Decisions sent and not acknowledged when the summary was taken
     /// (commitments still held; at the end: CPUs left committed).
     pub outstanding: usize,
@@ -442,8 +447,15 @@ impl fmt::Display for Summary {
                 fmt_ns(m.decision_gap.percentile(99.0))
             )?;
         }
-        if m.injected > 0 {
-            write!(f, "\n  injected decisions: {}, acks:", m.injected)?;
+        if m.faults.chaos_seed != 0 || m.faults.hostile_seed != 0 {
+            write!(f, "\n  faults: {}", m.faults)?;
+        }
+        if m.injected > 0 || m.faults.hostile_decisions > 0 {
+            write!(
+                f,
+                "\n  injected decisions: {} (+ {} hostile), acks:",
+                m.injected, m.faults.hostile_decisions
+            )?;
             for s in AckStatus::ALL {
                 write!(f, " {} {}", s.name(), m.injected_acks[s as usize])?;
             }

@@ -1,7 +1,9 @@
 //! Device-side virtqueue engine for virtio-milk.
 //!
-//! Holds one event queue and one decision queue per guest CPU (split virtqueues from
-//! `virtio-queue`) over any `vm-memory` guest memory. It pops event chains, copies their
+//! Holds one event queue and one decision queue per guest CPU (split virtqueues,
+//! [`crate::vring::DeviceRing`]) over any `vm-memory` guest memory whose regions have host
+//! mappings. The rings are translated to host pointers once, when the engine is built (an
+//! engine lives for one activation: a reset builds a new one), and validated then. It pops event chains, copies their
 //! bytes out of guest memory, validates them strictly and hands decoded [`Message`]s to the
 //! caller; it writes decisions into buffers the guest pre-posted on the decision queues.
 //!
@@ -10,19 +12,18 @@
 //! that becomes readable on every driver kick (several queues may share it), and an
 //! [`Interrupt`] to signal used buffers.
 //!
-//! Nothing the guest writes can panic this code or make it access memory outside what
-//! `vm-memory` checks: every guest-controlled length is bounded before use, every memory
-//! access goes through `Bytes` and returns an error instead of faulting, and malformed
-//! input is counted in [`EngineStats`] and dropped.
+//! Nothing the guest writes can panic this code or make it access memory outside guest RAM:
+//! every guest-controlled index is reduced modulo the queue size or bounds-checked, every
+//! guest-controlled length is bounded before use, every buffer address is checked against
+//! the region table ([`crate::vring::HostRegions`], falling back to vm-memory's `Bytes`,
+//! which returns an error instead of faulting), and malformed input is counted in
+//! [`EngineStats`] and dropped.
 
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
-
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +31,11 @@ use crate::protocol::{
     decision_queue_index, event_queue_index, parse_record, Direction, Message, ProtoError,
     MAX_BATCH, MAX_CPUS, RECORD_SIZE,
 };
+use crate::vring::{DeviceRing, HostRegions, RingLayout};
+
+/// Most descriptors of one decision chain the engine writes into (a full batch in
+/// single-record buffers).
+const MAX_DECISION_DESCS: usize = MAX_BATCH;
 
 /// Avail ring flag: the driver does not want interrupts (without EVENT_IDX).
 pub const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -254,9 +260,11 @@ impl EngineConfig {
 /// The device-side queue engine. See the module documentation.
 pub struct QueueEngine<M: GuestMemory> {
     mem: M,
+    /// `mem`'s regions translated once (buffer copies); vm-memory for what it refuses.
+    ram: HostRegions,
     cfg: EngineConfig,
-    events: Vec<Queue>,
-    decisions: Vec<Queue>,
+    events: Vec<DeviceRing>,
+    decisions: Vec<DeviceRing>,
     backlog: Vec<VecDeque<[u8; RECORD_SIZE]>>,
     starved: Vec<bool>,
     /// Per queue index: the driver corrupted the ring; ignored until reset.
@@ -301,20 +309,14 @@ impl<M: GuestMemory> QueueEngine<M> {
         let mut decisions = Vec::new();
         for (i, qc) in queues.iter().enumerate() {
             let idx = i as u16;
-            let bad = || EngineError::InvalidQueue(idx);
-            let mut q = Queue::new(cfg.max_queue_size).map_err(|_| bad())?;
-            q.try_set_size(qc.size).map_err(|_| bad())?;
-            q.try_set_desc_table_address(vm_memory::GuestAddress(qc.desc_table))
-                .map_err(|_| bad())?;
-            q.try_set_avail_ring_address(vm_memory::GuestAddress(qc.avail_ring))
-                .map_err(|_| bad())?;
-            q.try_set_used_ring_address(vm_memory::GuestAddress(qc.used_ring))
-                .map_err(|_| bad())?;
-            q.set_event_idx(cfg.event_idx);
-            q.set_ready(true);
-            if !q.is_valid(&mem) {
-                return Err(bad());
-            }
+            let layout = RingLayout {
+                size: qc.size,
+                desc_table: qc.desc_table,
+                avail_ring: qc.avail_ring,
+                used_ring: qc.used_ring,
+            };
+            let q = DeviceRing::new(&mem, layout, cfg.max_queue_size, cfg.event_idx)
+                .map_err(|_| EngineError::InvalidQueue(idx))?;
             if i % 2 == 0 {
                 events.push(q);
             } else {
@@ -323,6 +325,7 @@ impl<M: GuestMemory> QueueEngine<M> {
         }
         let max_batch = cfg.max_batch.clamp(1, MAX_BATCH);
         Ok(QueueEngine {
+            ram: HostRegions::new(&mem),
             mem,
             cfg: EngineConfig { max_batch, ..cfg },
             events,
@@ -373,9 +376,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
         }
         for (i, st) in states.iter().enumerate() {
-            let q = self.queue_mut(i);
-            q.set_next_avail(st.next_avail);
-            q.set_next_used(st.next_used);
+            self.queue_mut(i).set_position(st.next_avail, st.next_used);
         }
         Ok(())
     }
@@ -389,11 +390,7 @@ impl<M: GuestMemory> QueueEngine<M> {
     pub fn ring_state_from_memory(&self) -> Result<Vec<RingState>, EngineError> {
         (0..self.events.len() * 2)
             .map(|i| {
-                let used = self
-                    .queue(i)
-                    .used_idx(&self.mem, Ordering::Acquire)
-                    .map_err(|_| EngineError::InvalidQueue(i as u16))?
-                    .0;
+                let used = self.queue(i).used_idx_in_memory();
                 Ok(RingState {
                     next_avail: used,
                     next_used: used,
@@ -402,7 +399,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             .collect()
     }
 
-    fn queue(&self, index: usize) -> &Queue {
+    fn queue(&self, index: usize) -> &DeviceRing {
         if index.is_multiple_of(2) {
             &self.events[index / 2]
         } else {
@@ -410,7 +407,7 @@ impl<M: GuestMemory> QueueEngine<M> {
         }
     }
 
-    fn queue_mut(&mut self, index: usize) -> &mut Queue {
+    fn queue_mut(&mut self, index: usize) -> &mut DeviceRing {
         if index.is_multiple_of(2) {
             &mut self.events[index / 2]
         } else {
@@ -458,52 +455,50 @@ impl<M: GuestMemory> QueueEngine<M> {
     }
 
     fn poll_event_queue(&mut self, cpu: usize, out: &mut Vec<(u16, Message)>) -> usize {
+        if self.broken[2 * cpu] || !self.events[cpu].has_avail() {
+            return 0;
+        }
         let limit = self.cfg.max_batch * RECORD_SIZE;
         let num_cpus = self.cfg.num_cpus;
         let mut consumed = 0;
         // At most one ring's worth per pass: a driver that keeps posting cannot starve the
         // other queues or keep us here forever.
         let budget = usize::from(self.events[cpu].size());
-        if self.broken[2 * cpu] {
-            return 0;
-        }
         while consumed < budget {
-            // One chain at a time: the iterator re-reads avail.idx, bounded by queue size.
-            let chain = match self.events[cpu].iter(&self.mem) {
-                Ok(mut it) => it.next(),
+            // One chain at a time: re-reads avail.idx, bounded by the queue size.
+            let head = match self.events[cpu].pop() {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
                 Err(_) => {
                     // The driver broke the ring (avail.idx jumped past the queue size): the
                     // queue is unusable until the device is reset; count it once and stop
                     // looking at it instead of spinning on it.
                     self.count(Malformed::AvailIndex);
                     self.broken[2 * cpu] = true;
-                    return consumed;
+                    break;
                 }
             };
-            let Some(chain) = chain else { break };
             consumed += 1;
             self.stats.event_chains += 1;
-            let head = chain.head_index();
             let mut len = 0usize;
             let mut verdict: Option<Malformed> = None;
             let mut last_has_next = false;
             let mut ndesc = 0;
-            for desc in chain {
+            for desc in self.events[cpu].chain(head) {
                 ndesc += 1;
                 last_has_next = desc.has_next();
                 if desc.is_write_only() {
                     verdict = Some(Malformed::WritableInEventChain);
                     break;
                 }
-                let dlen = desc.len() as usize;
+                let dlen = desc.len as usize;
                 if len + dlen > limit {
                     verdict = Some(Malformed::TooLong);
                     break;
                 }
-                if self
-                    .mem
-                    .read_slice(&mut self.buf[len..len + dlen], desc.addr())
-                    .is_err()
+                let dst = &mut self.buf[len..len + dlen];
+                if !self.ram.read(desc.addr, dst)
+                    && self.mem.read_slice(dst, GuestAddress(desc.addr)).is_err()
                 {
                     verdict = Some(Malformed::BadAddress);
                     break;
@@ -538,11 +533,13 @@ impl<M: GuestMemory> QueueEngine<M> {
                     }
                 }
             }
-            if self.events[cpu].add_used(&self.mem, head, 0).is_err() {
+            if self.events[cpu].add_used(head, 0).is_err() {
                 self.count(Malformed::BadHead);
                 skip_used_slot(&mut self.events[cpu]);
             }
         }
+        // One used.idx store for the whole pass.
+        self.events[cpu].publish_used();
         consumed
     }
 
@@ -552,27 +549,13 @@ impl<M: GuestMemory> QueueEngine<M> {
         } else {
             &mut self.events[cpu]
         };
-        let needed: Result<bool, ()> = if self.cfg.event_idx {
-            q.needs_notification(&self.mem).map_err(|_| ())
-        } else {
-            // virtio-queue ignores VRING_AVAIL_F_NO_INTERRUPT; honour it here.
-            let flags = self
-                .mem
-                .load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire)
-                .map(u16::from_le);
-            flags
-                .map(|f| f & VRING_AVAIL_F_NO_INTERRUPT == 0)
-                .map_err(|_| ())
-        };
-        match needed {
-            Ok(true) => {
-                self.stats.interrupts += 1;
-                if self.irq.signal(queue_index).is_err() {
-                    self.stats.interrupt_errors += 1;
-                }
+        if q.needs_notification() {
+            self.stats.interrupts += 1;
+            if self.irq.signal(queue_index).is_err() {
+                self.stats.interrupt_errors += 1;
             }
-            Ok(false) => self.stats.interrupts_suppressed += 1,
-            Err(_) => self.stats.interrupt_errors += 1,
+        } else {
+            self.stats.interrupts_suppressed += 1;
         }
     }
 
@@ -645,7 +628,7 @@ impl<M: GuestMemory> QueueEngine<M> {
                     self.starved[cpu] = true;
                     self.stats.decision_queue_empty += 1;
                 }
-                let _ = self.decisions[cpu].enable_notification(&self.mem);
+                self.decisions[cpu].enable_notification();
             }
         }
         written
@@ -654,28 +637,33 @@ impl<M: GuestMemory> QueueEngine<M> {
     fn flush_cpu(&mut self, cpu: usize) -> usize {
         let mut written = 0;
         while !self.backlog[cpu].is_empty() && !self.broken[2 * cpu + 1] {
-            let chain = match self.decisions[cpu].iter(&self.mem) {
-                Ok(mut it) => it.next(),
+            let head = match self.decisions[cpu].pop() {
+                Ok(Some(h)) => h,
+                Ok(None) => break,
                 Err(_) => {
                     self.count(Malformed::AvailIndex);
                     self.broken[2 * cpu + 1] = true;
                     break;
                 }
             };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let mut descs = Vec::with_capacity(4);
+            let mut descs = [(0u64, 0usize); MAX_DECISION_DESCS];
+            let mut ndesc = 0;
             let mut verdict = None;
             let mut last_has_next = false;
             let mut cap = 0usize;
-            for desc in chain {
+            for desc in self.decisions[cpu].chain(head) {
                 last_has_next = desc.has_next();
                 if !desc.is_write_only() {
                     verdict = Some(Malformed::ReadableInDecisionChain);
                     break;
                 }
-                cap = cap.saturating_add(desc.len() as usize);
-                descs.push((desc.addr(), desc.len() as usize));
+                // Descriptors past what a full batch can use are walked (the chain must
+                // still be well formed) but not kept.
+                if ndesc < MAX_DECISION_DESCS {
+                    cap = cap.saturating_add(desc.len as usize);
+                    descs[ndesc] = (desc.addr, desc.len as usize);
+                    ndesc += 1;
+                }
             }
             if verdict.is_none() && last_has_next {
                 verdict = Some(Malformed::BrokenChain);
@@ -697,12 +685,15 @@ impl<M: GuestMemory> QueueEngine<M> {
                 }
                 let mut off = 0;
                 let mut ok = true;
-                for (addr, dlen) in descs {
+                for &(addr, dlen) in &descs[..ndesc] {
                     if off == total {
                         break;
                     }
                     let n = dlen.min(total - off);
-                    if self.mem.write_slice(&self.buf[off..off + n], addr).is_err() {
+                    let src = &self.buf[off..off + n];
+                    if !self.ram.write(addr, src)
+                        && self.mem.write_slice(src, GuestAddress(addr)).is_err()
+                    {
                         ok = false;
                         break;
                     }
@@ -718,21 +709,19 @@ impl<M: GuestMemory> QueueEngine<M> {
                     self.count(Malformed::BadAddress);
                 }
             }
-            if self.decisions[cpu]
-                .add_used(&self.mem, head, used_len)
-                .is_err()
-            {
+            if self.decisions[cpu].add_used(head, used_len).is_err() {
                 self.count(Malformed::BadHead);
                 skip_used_slot(&mut self.decisions[cpu]);
             }
         }
+        self.decisions[cpu].publish_used();
         written
     }
 
     /// Stop asking for kicks on the event queues (we are polling).
     pub fn disable_notifications(&mut self) {
         for q in &mut self.events {
-            let _ = q.disable_notification(&self.mem);
+            q.disable_notification();
         }
     }
 
@@ -740,9 +729,7 @@ impl<M: GuestMemory> QueueEngine<M> {
     pub fn enable_notifications(&mut self) -> bool {
         let mut pending = false;
         for q in &mut self.events {
-            // An error means the rings are unreadable; treat as "nothing pending" so the
-            // caller sleeps instead of spinning on a broken queue.
-            pending |= q.enable_notification(&self.mem).unwrap_or(false);
+            pending |= q.enable_notification();
         }
         pending
     }

@@ -16,6 +16,7 @@ use milk_policy_daemon::frontend::FrontendSlot;
 use milk_vmm::devices::virtio::vhost_user::{SocketSwap, VhostUserMilkDevice};
 use milk_vmm::{exit_code, ExitReason, Vm, VmConfig, VmOutcome};
 use virtio_milk::control::PolicyControl;
+use virtio_milk::runtime::{ChaosSpec, HostileSpec, RuntimeConfig};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -89,6 +90,14 @@ struct Cli {
     /// NEW` hands the queues to another daemon.
     #[arg(long, value_name = "PATH", conflicts_with = "policy")]
     policy_socket: Option<PathBuf>,
+    /// Chaos mode for reliability runs (with --policy): faults on the virtio-milk channel.
+    #[arg(long, value_name = "SPEC", value_parser = parse_chaos, long_help = chaos_help())]
+    chaos: Option<ChaosSpec>,
+    /// Hostile-host mode for reliability runs (with --policy): random and garbage records
+    /// for the guest for SECS seconds.
+    #[arg(long, value_name = "SECS[,rate=N][,seed=N][,after=DURATION]",
+          value_parser = parse_hostile, long_help = hostile_help())]
+    hostile_host: Option<HostileSpec>,
     /// Also write the serial console to this file.
     #[arg(long, value_name = "PATH")]
     serial_log: Option<PathBuf>,
@@ -156,6 +165,7 @@ fn new_vm(
     echo_device: bool,
     policy: Option<&str>,
     policy_socket: Option<&Path>,
+    runtime: RuntimeConfig,
 ) -> Result<NewVm, milk_vmm::VmmError> {
     let cpus = config.cpus;
     let mut vm = Vm::new(config);
@@ -181,10 +191,7 @@ fn new_vm(
         let p = milk_policies::resolve(spec)
             .map_err(|e| milk_vmm::VmmError::InvalidConfig(format!("--policy: {e}")))?;
         let (dev, c) = milk_vmm::devices::virtio::milk::MilkMmioDevice::new(
-            cpus,
-            &p.spec,
-            p.factory,
-            virtio_milk::runtime::RuntimeConfig::default(),
+            cpus, &p.spec, p.factory, runtime,
         )?;
         vm.add_virtio_device(Box::new(dev))?;
         control = Some(c);
@@ -199,9 +206,11 @@ fn run_kvm(
     echo_device: bool,
     policy: Option<&str>,
     policy_socket: Option<&Path>,
+    runtime: RuntimeConfig,
     api: &mut Api,
 ) -> i32 {
-    let (mut vm, control, slot) = match new_vm(config, echo_device, policy, policy_socket) {
+    let (mut vm, control, slot) = match new_vm(config, echo_device, policy, policy_socket, runtime)
+    {
         Ok(v) => v,
         Err(e) => {
             eprintln!("milk-vmm: {e}");
@@ -280,6 +289,41 @@ fn policy_help() -> String {
     )
 }
 
+fn parse_chaos(s: &str) -> Result<ChaosSpec, String> {
+    ChaosSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_hostile(s: &str) -> Result<HostileSpec, String> {
+    HostileSpec::parse(s).map_err(|e| e.to_string())
+}
+
+fn chaos_help() -> String {
+    format!(
+        "Chaos mode for reliability runs (needs --policy): the host runtime injects faults on \
+         the virtio-milk channel once the guest's first session is up. SPEC is `default` (a \
+         third of the records delayed up to 2 ms, 2 % of acks lost and 2 % duplicated, 5 % of \
+         decisions on another CPU's queue, a 10-40 ms stall of the runtime thread every \
+         500 ms, a 100-300 ms host stop every 8 s, one in four a crash without GOODBYE), \
+         optionally followed by changes, or only KEY=VALUE items, comma-separated. Keys: {}. \
+         Durations take a unit (500us, 20ms, 1.5s), ranges are LO..HI, probabilities 0..1. \
+         The seed is printed; `seed=N` replays a run. What was injected is in the summary. \
+         Example: --chaos default,seed=7,for=30s,ack_loss=0.1",
+        virtio_milk::runtime::CHAOS_KEYS
+    )
+}
+
+fn hostile_help() -> String {
+    format!(
+        "Hostile-host mode for reliability runs (needs --policy): for SECS seconds after the \
+         guest's first session is up (plus `after`), the host runtime also sends random but \
+         well-framed RUN, PREEMPT, ACK, HELLO, HEARTBEAT and GOODBYE records and garbage \
+         records (bad length, version or type) at `rate` per second (default {}), then starts \
+         a normal session. Keys after SECS: {}. The seed is printed; `seed=N` replays a run.",
+        HostileSpec::DEFAULT_RATE,
+        virtio_milk::runtime::HOSTILE_KEYS
+    )
+}
+
 fn main() -> ExitCode {
     let _ = milk_vmm::vmm::PROCESS_START.set(Instant::now());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -290,6 +334,18 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> i32 {
+    if (cli.chaos.is_some() || cli.hostile_host.is_some()) && cli.policy.is_none() {
+        eprintln!(
+            "milk-vmm: --chaos and --hostile-host need --policy (the host runtime they act in; \
+             with --policy-socket it runs in milk-policy)"
+        );
+        return exit_code::USAGE;
+    }
+    let runtime = RuntimeConfig {
+        chaos: cli.chaos,
+        hostile: cli.hostile_host,
+        ..RuntimeConfig::default()
+    };
     if let Some(p) = &cli.policy {
         if let Err(e) = milk_launcher::qemu::check_policy(p) {
             eprintln!("milk-vmm: {e}");
@@ -343,6 +399,7 @@ fn run(cli: Cli) -> i32 {
             cli.echo_device,
             cli.policy.as_deref(),
             cli.policy_socket.as_deref(),
+            runtime,
             &mut api,
         );
     }
@@ -356,6 +413,7 @@ fn run(cli: Cli) -> i32 {
         echo_console: config.echo_console,
         timeout: config.timeout,
         policy: cli.policy.clone(),
+        runtime,
     };
     if let Some(sock) = &cli.policy_socket {
         let mut on_start = |slot: FrontendSlot, stop: StopFn| {

@@ -453,3 +453,41 @@ fn launcher_and_vmm_share_one_exit_code_table() {
         assert_eq!(a, b);
     }
 }
+
+#[test]
+fn bad_chaos_and_hostile_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let k = common::test_guest("pvh");
+    let k = k.to_str().unwrap();
+    for (flag, spec, needle) in [
+        ("--chaos", "nope=1", "unknown key \"nope\""),
+        (
+            "--chaos",
+            "ack_loss=2",
+            "ack_loss=2: a probability in [0, 1]",
+        ),
+        ("--chaos", "stall=5ms", "a range LO..HI"),
+        ("--chaos", "event_delay=5", "a duration needs a unit"),
+        ("--hostile-host", "0", "must be in (0, 3600] seconds"),
+        ("--hostile-host", "5,rate=0", "1..=100000"),
+    ] {
+        expect_error(
+            &["--kernel", k, "--policy", "fifo", flag, spec],
+            2,
+            needle,
+            dir.path(),
+        );
+    }
+    expect_error(
+        &["--kernel", k, "--chaos", "default"],
+        64,
+        "--chaos and --hostile-host need --policy",
+        dir.path(),
+    );
+    let out = run(&["--help"]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        s.contains("--chaos <SPEC>") && s.contains("--hostile-host"),
+        "{s}"
+    );
+}

@@ -197,9 +197,6 @@ fn uptime_ms(stdout: &[String], what: &str) -> Option<u64> {
 }
 
 #[test]
-#[ignore = "on the merged v2 series the guest triple-faults under nested KVM when the host \
-            pauses (GOODBYE) mid-workload, twice in a row on 2026-12-01; the ivshmem path \
-            (mom_e2e host_stop) passes. Guest bug to fix (issue 8/9), then re-enable"]
 fn host_runtime_paused_mid_workload_guest_falls_back_to_cfs() {
     let g = real_kvm::guest();
     real_kvm::ensure_milkctl();
@@ -208,7 +205,9 @@ fn host_runtime_paused_mid_workload_guest_falls_back_to_cfs() {
     let (kernel, initrd) = (r.file(&g.bzimage), r.file(&g.initrd));
     let guest = format!(
         "{WAIT_ENABLED}W;milk-mon -i 10 & milk-work -t 64 -r 40 -w 40000 -s 2000;r=$?;\
-         usleep 300000;{PRINT_COUNTERS}exit $r"
+         usleep 300000;{PRINT_COUNTERS}\
+         echo MILKC decision_polls=$(cat /sys/bus/virtio/devices/virtio0/milk/decision_polls);\
+         exit $r"
     );
     let vmm: Vec<String> = [
         "milk-vmm",
@@ -272,18 +271,28 @@ fn host_runtime_paused_mid_workload_guest_falls_back_to_cfs() {
     let disabled = uptime_ms(&s.stdout, "DISABLED").expect("the guest never fell back to CFS");
     let fallback_ms = disabled.saturating_sub(stop);
     let k = counters(&s.stdout);
+    // The guest's own clock: from the GOODBYE's arrival to every task on CFS.
+    let disable_ms = counter(&k, "disable_us") / 1000;
     eprintln!(
         "real KVM {:?}: host runtime paused mid-workload; guest on CFS after <= {fallback_ms} ms \
-         (L1 clock, incl. milk-mon's sampling and the console path); guest watchdog timeouts \
-         before/around it: {}",
+         (L1 clock, incl. milk-mon's sampling and the console path), {disable_ms} ms from the \
+         GOODBYE to every task on CFS (guest clock); guest watchdog timeouts {}, decision \
+         queue polls {}, local fallbacks {} for {} applied RUNs",
         r.mode,
-        counter(&k, "host_timeouts")
+        counter(&k, "host_timeouts"),
+        counter(&k, "decision_polls"),
+        counter(&k, "local_fallbacks"),
+        counter(&k, "decisions_applied"),
     );
     // The 1 s target is met and measured on the ivshmem path (mom_e2e). Here
-    // the guest runs nested under TCG: milk-mon's 10 ms sampler itself wakes
-    // only every 1-2.5 s (docs/benchmarks.md "Nested KVM"), so the test
-    // asserts a generous bound and the benchmark reports the number.
-    assert!(fallback_ms < 15_000, "fallback took {fallback_ms} ms: {c}");
+    // the guest runs nested under TCG, where every console character is a
+    // nested exit to milk-vmm: milk-mon's lines and the kernel's own
+    // sched_ext line take seconds on a loaded machine (docs/benchmarks.md
+    // "Nested KVM"), so the test asserts generous bounds and reports the
+    // numbers.
+    assert!(disable_ms > 0, "the guest timed the pause's disable: {c}");
+    assert!(disable_ms < 20_000, "the disable took {disable_ms} ms: {c}");
+    assert!(fallback_ms < 30_000, "fallback took {fallback_ms} ms: {c}");
     // Mid-workload: the fallback came before the workload ended.
     let pos = |p: &dyn Fn(&str) -> bool| s.stdout.iter().position(|l| p(l)).unwrap();
     let dis = pos(&|l| l.starts_with("NESTED-DISABLED"));

@@ -19,20 +19,32 @@ pub enum Mode {
     Poll,
 }
 
-/// One virtio-milk row: mode and records per buffer.
+/// One virtio-milk row: mode, records per buffer and guest CPUs (one task each).
 pub struct VirtioLoopback {
     pub mode: Mode,
     pub batch: usize,
+    pub cpus: u16,
 }
 
-/// The six rows of the issue: notify/poll x batch 1/8/32.
+/// The six rows of the issue (notify/poll x batch 1/8/32, 4 guest CPUs x 1 task: four
+/// loops in flight), and poll with a single loop (1 CPU x 1 task: one round trip in
+/// flight, the shape of the busy-poll floor row).
 pub fn rows() -> Vec<Box<dyn Row>> {
     let mut v: Vec<Box<dyn Row>> = Vec::new();
     for mode in [Mode::Notify, Mode::Poll] {
         for batch in [1, 8, 32] {
-            v.push(Box::new(VirtioLoopback { mode, batch }));
+            v.push(Box::new(VirtioLoopback {
+                mode,
+                batch,
+                cpus: 4,
+            }));
         }
     }
+    v.push(Box::new(VirtioLoopback {
+        mode: Mode::Poll,
+        batch: 8,
+        cpus: 1,
+    }));
     v
 }
 
@@ -42,7 +54,11 @@ impl VirtioLoopback {
             Mode::Notify => "notify",
             Mode::Poll => "poll",
         };
-        format!("virtio-milk {m} b{}", self.batch)
+        if self.cpus == 4 {
+            format!("virtio-milk {m} b{}", self.batch)
+        } else {
+            format!("virtio-milk {m} b{} {}cpu", self.batch, self.cpus)
+        }
     }
 }
 
@@ -69,8 +85,8 @@ mod imp {
                 Mode::Poll => "both sides spin on the rings",
             };
             format!(
-                "virtio_milk::loopback (fifo policy), 4 guest CPUs x 1 task, up to {} records/buffer, {how}; closed loop wakeup->RUN applied, latency = RTT/2, msgs/s counts records both ways",
-                self.batch
+                "virtio_milk::loopback (fifo policy), {} guest CPU(s) x 1 task, up to {} records/buffer, {how}; closed loop wakeup->RUN applied, latency = RTT/2, msgs/s counts records both ways",
+                self.cpus, self.batch
             )
         }
 
@@ -78,12 +94,12 @@ mod imp {
             let policy = milk_policies::by_name("fifo")
                 .map_err(|e| ChanError::Unavailable(e.to_string()))?;
             let lcfg = LoopbackConfig {
-                // Four guest CPUs (queue pairs), one task each: no task
-                // queues behind another, so a sample is one channel round
-                // trip, and four loops in flight let batches form (the
-                // virtio-milk loopback doc uses the same shape).
-                num_cpus: 4,
-                tasks: 4,
+                // One task per guest CPU (queue pair): no task queues
+                // behind another, so a sample is one channel round trip;
+                // four CPUs put four loops in flight (the virtio-milk
+                // loopback doc uses the same shape), one CPU a single one.
+                num_cpus: self.cpus,
+                tasks: u32::from(self.cpus),
                 batch: self.batch,
                 mode: match self.mode {
                     Mode::Notify => NotifyMode::Notification,

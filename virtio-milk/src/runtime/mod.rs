@@ -13,6 +13,7 @@
 pub mod acks;
 mod cpus;
 mod dispatch;
+mod fault;
 mod handle;
 mod handover;
 mod inject;
@@ -34,6 +35,9 @@ use crate::policy::{Dispatcher, Gtid, Policy, PolicyEvent, SchedView};
 use crate::protocol::{Message, BYE_RESYNC, BYE_STOP, DEFAULT_HEARTBEAT_MS};
 use crate::queue::QueueEngine;
 
+pub use fault::{
+    ChaosSpec, FaultCounts, HostileSpec, SpecError, CHAOS_KEYS, HOSTILE_COOKIE, HOSTILE_KEYS,
+};
 pub use handle::{Control, RuntimeHandle};
 pub use handover::SessionState;
 pub use inject::{RawDecision, RawKind, INJECTED_COOKIE, UNKNOWN_GENERATION};
@@ -72,6 +76,10 @@ pub struct RuntimeConfig {
     pub ack_grace: Duration,
     /// Most RUNs in flight to one CPU (the next one plus staged ones).
     pub max_staged: usize,
+    /// Chaos mode: faults on the channel (reliability runs; `None`: off).
+    pub chaos: Option<ChaosSpec>,
+    /// Hostile-host mode: random and garbage records for the guest (`None`: off).
+    pub hostile: Option<HostileSpec>,
 }
 
 impl Default for RuntimeConfig {
@@ -85,6 +93,8 @@ impl Default for RuntimeConfig {
             ack_timeout: Duration::from_millis(3 * u64::from(DEFAULT_HEARTBEAT_MS)),
             ack_grace: Duration::from_millis(u64::from(DEFAULT_HEARTBEAT_MS)),
             max_staged: 2,
+            chaos: None,
+            hostile: None,
         }
     }
 }
@@ -128,6 +138,8 @@ pub struct Runtime<M: GuestMemory> {
     started: Instant,
     msgs: Vec<(u16, Message)>,
     events: Vec<PolicyEvent>,
+    /// Chaos / hostile-host modes, if configured.
+    faults: Option<fault::Faults>,
 }
 
 impl<M: GuestMemory> Runtime<M> {
@@ -137,6 +149,9 @@ impl<M: GuestMemory> Runtime<M> {
         policy.attach(&view);
         let seen_bad_versions =
             engine.stats().malformed[crate::queue::Malformed::RecordVersion as usize];
+        let mut metrics = Metrics::default();
+        let faults =
+            fault::Faults::new(cfg.chaos, cfg.hostile, view.cpus.len(), &mut metrics.faults);
         Runtime {
             commits: Commitments::new(view.cpus.len(), 0),
             engine,
@@ -146,7 +161,7 @@ impl<M: GuestMemory> Runtime<M> {
             pids: HashMap::new(),
             timers: Timers::default(),
             swap_clock: swap::SwapClock::default(),
-            metrics: Metrics::default(),
+            metrics,
             cfg,
             session_id: 0,
             established: false,
@@ -158,6 +173,7 @@ impl<M: GuestMemory> Runtime<M> {
             started: Instant::now(),
             msgs: Vec::new(),
             events: Vec::new(),
+            faults,
         }
     }
 
@@ -221,6 +237,11 @@ impl<M: GuestMemory> Runtime<M> {
             session_id: self.session_id,
             session_established: self.established,
             tasks: self.view.tasks.len(),
+            task_pids: {
+                let mut p: Vec<u32> = self.view.tasks.keys().map(|g| g.pid()).collect();
+                p.sort_unstable();
+                p
+            },
             outstanding: self.commits.len(),
         }
     }
@@ -265,7 +286,11 @@ impl<M: GuestMemory> Runtime<M> {
     /// read is the most expensive part of an idle poll).
     fn step_with(&mut self, idle_deadlines: bool) -> usize {
         let mut msgs = std::mem::take(&mut self.msgs);
-        let chains = self.engine.poll_events(&mut msgs);
+        let fresh = self.faults.is_some() && self.engine.backlog_len() == 0;
+        let mut chains = self.engine.poll_events(&mut msgs);
+        if self.faults.is_some() {
+            chains = self.fault_events(&mut msgs);
+        }
         let mut work = chains;
         let mut now = 0;
         if chains > 0 {
@@ -287,6 +312,9 @@ impl<M: GuestMemory> Runtime<M> {
         }
         if !self.events.is_empty() || chains > 0 {
             self.schedule();
+        }
+        if self.faults.is_some() {
+            self.fault_decisions(fresh);
         }
         if self.engine.backlog_len() > 0 {
             self.engine.flush();
@@ -416,6 +444,9 @@ impl<M: GuestMemory> Runtime<M> {
             let deadline = sent.saturating_add(self.cfg.ack_timeout.as_nanos() as u64);
             t = t.min(Duration::from_nanos(deadline.saturating_sub(mono)));
         }
+        if let Some(due) = self.fault_next_due() {
+            t = t.min(Duration::from_nanos(due.saturating_sub(mono)));
+        }
         t
     }
 
@@ -451,6 +482,9 @@ impl<M: GuestMemory> Runtime<M> {
                     self.engine.flush();
                 }
                 self.maybe_heartbeat(now);
+                if self.faults.is_some() {
+                    self.fault_housekeeping(ctl);
+                }
             }
             let n = self.step_with(iter.is_multiple_of(32));
             let Some(budget) = self.cfg.spin_budget else {

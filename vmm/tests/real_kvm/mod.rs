@@ -71,26 +71,58 @@ pub fn ensure_milkctl() {
 /// One L1 (two TCG threads: both host cores) at a time in a test binary.
 static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// Runs every step of `r` (within `timeout`), echoing the output, and
-/// returns the outcome; panics with the reason if the L1 could not run.
+/// Lines of a step's output an assertion message shows (the whole output
+/// is in the run's log file, named in the message).
+const TAIL: usize = 40;
+
+/// The log file of the last [`run`] in this test binary.
+static LAST_LOG: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// A fresh log file under the cargo target tmpdir for one L1 run.
+fn new_log() -> (PathBuf, std::fs::File) {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("nested-logs");
+    std::fs::create_dir_all(&dir).expect("create the nested log dir");
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!("{}-{n}.log", std::process::id()));
+    let f = std::fs::File::create(&path).expect("create the nested log");
+    (path, f)
+}
+
+/// Runs every step of `r` (within `timeout`) and returns the outcome; panics
+/// with the reason if the L1 could not run. Everything the L1 printed goes
+/// to a log file under the target dir (`MILK_NESTED_ECHO=1` also echoes it);
+/// assertion messages show the tail and the file's path.
 pub fn run(r: &Runner, timeout: Duration) -> NestedOutcome {
+    use std::io::Write;
     let _one = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
     let _ = env_logger::builder().is_test(true).try_init();
+    let echo = std::env::var_os("MILK_NESTED_ECHO").is_some_and(|v| v != "0");
+    let (log_path, mut log) = new_log();
+    *LAST_LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some(log_path.clone());
     let work = tempfile::tempdir().unwrap();
     let mut opts = RunOptions::new(work.path());
     opts.timeout = timeout;
     let out = r
-        .run(&opts, &mut |l| match l {
-            NestedLine::L1(s) => println!("l1| {s}"),
-            NestedLine::Stdout(id, s) => println!("{id}| {s}"),
-            NestedLine::Stderr(id, s) => println!("{id}!| {s}"),
+        .run(&opts, &mut |l| {
+            let line = match l {
+                NestedLine::L1(s) => format!("l1| {s}"),
+                NestedLine::Stdout(id, s) => format!("{id}| {s}"),
+                NestedLine::Stderr(id, s) => format!("{id}!| {s}"),
+            };
+            let _ = writeln!(log, "{line}");
+            if echo {
+                println!("{line}");
+            }
         })
         .unwrap_or_else(|e| {
-            let log =
+            let console =
                 std::fs::read_to_string(work.path().join("l1-console.log")).unwrap_or_default();
             panic!(
-                "running on real KVM ({:?}) failed: {e}\nL1 console:\n{log}",
-                r.mode
+                "running on real KVM ({:?}) failed: {e}\nlast L1 console lines:\n{}\n(whole run: {})",
+                r.mode,
+                tail(&console.lines().map(str::to_string).collect::<Vec<_>>(), TAIL),
+                log_path.display()
             )
         });
     if r.mode == Mode::Nested {
@@ -103,29 +135,52 @@ pub fn run(r: &Runner, timeout: Duration) -> NestedOutcome {
             out.steps.len(),
             out.elapsed.as_secs_f64()
         );
-        assert!(out.done, "the L1 ended before its last step");
+        assert!(
+            out.done,
+            "the L1 ended before its last step; last step: {}",
+            out.steps.last().map(ctx).unwrap_or_default()
+        );
     }
-    assert_eq!(out.steps.len(), r.job.steps.len(), "every step ran");
+    assert_eq!(
+        out.steps.len(),
+        r.job.steps.len(),
+        "every step ran; last step: {}",
+        out.steps.last().map(ctx).unwrap_or_default()
+    );
     for s in &out.steps {
         assert!(
             !s.stderr_text().contains("panicked"),
-            "step {} panicked:\n{}",
+            "step {} panicked: {}",
             s.id,
-            s.stderr_text()
+            ctx(s)
         );
     }
     out
 }
 
-/// A step's context for assertion messages.
+/// The last `n` of `lines`, joined, with a note of how many were left out.
+pub fn tail(lines: &[String], n: usize) -> String {
+    let skip = lines.len().saturating_sub(n);
+    let mut t = String::new();
+    if skip > 0 {
+        t.push_str(&format!("[{skip} earlier lines]\n"));
+    }
+    t.push_str(&lines[skip..].join("\n"));
+    t
+}
+
+/// A step's context for assertion messages: status, the tail of its
+/// output, and the log file with all of it.
 pub fn ctx(s: &StepResult) -> String {
+    let log = LAST_LOG.lock().unwrap_or_else(|e| e.into_inner()).clone();
     format!(
-        "step {} status {:?} ({:.1} s)\nstdout:\n{}\nstderr:\n{}",
+        "step {} status {:?} ({:.1} s)\nstdout (tail):\n{}\nstderr (tail):\n{}\n(whole run: {})",
         s.id,
         s.status,
         s.elapsed.as_secs_f64(),
-        s.stdout_text(),
-        s.stderr_text()
+        tail(&s.stdout, TAIL),
+        tail(&s.stderr, TAIL),
+        log.map(|p| p.display().to_string()).unwrap_or_default()
     )
 }
 
