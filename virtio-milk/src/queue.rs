@@ -277,14 +277,6 @@ pub struct QueueEngine<M: GuestMemory> {
     buf: Vec<u8>,
 }
 
-/// A chain whose head index is out of range was taken but cannot be returned: give its used
-/// slot up too, so the device's used position stays within one ring of its avail position
-/// (what [`QueueEngine::ring_state`] exports and [`QueueEngine::set_ring_state`] accepts)
-/// however many such chains a driver posts. The slot's element keeps whatever it held.
-fn skip_used_slot(q: &mut Queue) {
-    q.set_next_used(q.next_used().wrapping_add(1));
-}
-
 impl<M: GuestMemory> QueueEngine<M> {
     /// Activate the engine on queues the driver configured. `queues[i]` is queue index `i`
     /// (event queue of CPU `i/2` for even `i`, decision queue for odd `i`).
@@ -535,7 +527,8 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
             if self.events[cpu].add_used(head, 0).is_err() {
                 self.count(Malformed::BadHead);
-                skip_used_slot(&mut self.events[cpu]);
+                // Unreturnable: skip its used slot too, so `ring_state` stays importable.
+                self.events[cpu].skip_used();
             }
         }
         // One used.idx store for the whole pass.
@@ -711,7 +704,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
             if self.decisions[cpu].add_used(head, used_len).is_err() {
                 self.count(Malformed::BadHead);
-                skip_used_slot(&mut self.decisions[cpu]);
+                self.decisions[cpu].skip_used();
             }
         }
         self.decisions[cpu].publish_used();
