@@ -38,7 +38,7 @@ pub enum Error {
         param: String,
     },
     /// A parameter given twice.
-    #[error("policy {policy}: parameter {param} given twice")]
+    #[error("policy {}: parameter {} given twice", .policy.escape_debug(), .param.escape_debug())]
     DuplicateParam {
         /// Policy.
         policy: String,
@@ -46,7 +46,7 @@ pub enum Error {
         param: String,
     },
     /// A parameter value out of range or not parseable.
-    #[error("policy {policy}: bad value {value} for {param}: {why}")]
+    #[error("policy {policy}: bad value {} for {param}: {why}", .value.escape_debug())]
     BadValue {
         /// Policy.
         policy: String,

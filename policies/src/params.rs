@@ -154,4 +154,16 @@ mod tests {
             "policy rr: bad value 0 for slice_us: must be in 1..=10"
         );
     }
+
+    /// Fuzz finding (config): a parameter name or value with a newline in it made a
+    /// multi-line error (milk-vmm and milkctl print errors as one line).
+    #[test]
+    fn errors_quoting_user_text_stay_on_one_line() {
+        let e = Spec::parse("rr\n:a\nb=1,a\nb=2").unwrap_err().to_string();
+        assert_eq!(e, "policy rr\\n: parameter a\\nb given twice");
+        let s = Spec::parse("rr:slice_us=1\n2").unwrap();
+        let e = s.u64_in("slice_us", 1, 1, 10).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e:?}");
+        assert!(e.contains("bad value 1\\n2 for slice_us"), "{e:?}");
+    }
 }

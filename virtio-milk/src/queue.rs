@@ -527,6 +527,8 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
             if self.events[cpu].add_used(head, 0).is_err() {
                 self.count(Malformed::BadHead);
+                // Unreturnable: skip its used slot too, so `ring_state` stays importable.
+                self.events[cpu].skip_used();
             }
         }
         // One used.idx store for the whole pass.
@@ -702,6 +704,7 @@ impl<M: GuestMemory> QueueEngine<M> {
             }
             if self.decisions[cpu].add_used(head, used_len).is_err() {
                 self.count(Malformed::BadHead);
+                self.decisions[cpu].skip_used();
             }
         }
         self.decisions[cpu].publish_used();

@@ -269,6 +269,13 @@ impl DeviceRing {
         Ok(())
     }
 
+    /// Give up the used slot of a chain that cannot be returned (its head is out of range),
+    /// so the used position stays within one ring of the avail position; the slot keeps
+    /// whatever element it held and is published with the next [`Self::publish_used`].
+    pub fn skip_used(&mut self) {
+        self.next_used = self.next_used.wrapping_add(1);
+    }
+
     /// Make every element added since the last call visible (one release store of
     /// `used.idx`). Returns whether anything was published.
     pub fn publish_used(&mut self) -> bool {

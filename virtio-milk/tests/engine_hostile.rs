@@ -223,6 +223,25 @@ fn bogus_heads_and_avail_index_do_not_wedge_the_engine() {
     assert_eq!(r.poll().len(), 1);
 }
 
+/// Fuzz finding (queue_engine): every chain with an out-of-range head advanced the avail
+/// position but not the used one, so after a ring's worth of them the engine's own
+/// `ring_state` was refused by `set_ring_state` (a vhost-user handover of such a guest failed).
+#[test]
+fn bogus_heads_keep_the_ring_state_exportable() {
+    let mut r = rig(true);
+    for _ in 0..3 * QSIZE {
+        r.dq[0].push_avail_raw(&r.lm.mem, QSIZE + 1);
+        r.dq[0].publish(&r.lm.mem);
+        assert!(r.poll().is_empty());
+    }
+    assert_eq!(r.malformed(Malformed::BadHead), u64::from(3 * QSIZE));
+    let st = r.engine.ring_state();
+    assert_eq!(st[0].next_avail, st[0].next_used);
+    r.engine
+        .set_ring_state(&st)
+        .expect("own ring state imports");
+}
+
 #[test]
 fn random_garbage_never_panics() {
     let mut r = rig(true);

@@ -895,6 +895,52 @@ fn reused_pid_with_a_new_generation_is_another_task() {
     assert!(!seen.contains(&PolicyEvent::TaskDead(new)));
 }
 
+/// Fuzz finding (runtime): a RUN given up after `ack_timeout` left its task `Dispatched`
+/// for good when an event that does not change the task's state (here TASK_PRIORITY) had
+/// bumped its seq meanwhile: no RUN outstanding, and the policy never saw it runnable again.
+#[test]
+fn a_lost_run_requeues_its_task_after_a_priority_change() {
+    let (p, _seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup_with(
+        Box::new(p),
+        RuntimeConfig {
+            heartbeat: None,
+            ack_timeout: Duration::from_millis(50),
+            ack_grace: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    );
+    rt.start_session();
+    g.send(
+        0,
+        &[task_new(1, 1, 0b01), ev(TaskEventKind::Wakeup, 0, 1, 2)],
+    );
+    rt.step();
+    assert_eq!(runs(&g.recv(0)).len(), 1);
+    g.send(
+        0,
+        &[Message::TaskPriority(PriorityInfo {
+            cpu: 0,
+            gtid: gt(1),
+            seq: 3,
+            ts_ns: 0,
+            weight: 200,
+            nice: -3,
+        })],
+    );
+    rt.step();
+    assert_eq!(
+        rt.view().task(gt(1)).unwrap().state,
+        TaskState::Dispatched(0)
+    );
+    std::thread::sleep(Duration::from_millis(60));
+    rt.step();
+    assert_eq!(rt.metrics().commit_timeouts, 1);
+    let again = runs(&g.recv(0));
+    assert_eq!(again.len(), 1, "task dispatched again after the timeout");
+    assert_eq!(again[0].seq, 3, "stamped with the newest seq");
+}
+
 #[test]
 fn a_lost_ack_does_not_commit_a_cpu_forever() {
     let (p, seen) = TestPolicy::new("t");

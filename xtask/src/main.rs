@@ -2,6 +2,7 @@
 //! scheduler comparison.
 
 mod compare;
+mod fuzz;
 mod nested;
 
 use std::path::PathBuf;
@@ -20,6 +21,7 @@ use milk_harness::GuestSpec;
                   cargo xtask boot -- milk-work  boot and run a command in the guest\n  \
                   cargo xtask boot --test-fifo -- cat /sys/kernel/sched_ext/root/ops\n  \
                   cargo xtask compare --quick    smoke run of the scheduler comparison\n  \
+                  cargo xtask fuzz runtime --time 600   one fuzz target for 10 minutes\n  \
                   cargo xtask nested -- --kernel K --initrd I --cpus 2 --policy fifo   milk-vmm on real KVM (nested)"
 )]
 struct Cli {
@@ -80,6 +82,9 @@ enum Cmd {
     /// same workloads: interleaved boots, medians and spreads, ratios to
     /// CFS, fidelity counters, JSON and SVG plots.
     Compare(compare::CompareArgs),
+    /// Run one coverage-guided fuzz target (libFuzzer, stable toolchain) with progress
+    /// output; `--list` names the targets (docs/reliability.md).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -200,6 +205,7 @@ fn run(cmd: Cmd) -> Res<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Nested(a) => nested::run(a, &workspace_root()),
+        Cmd::Fuzz(a) => fuzz::run(a),
     }
 }
 
@@ -336,6 +342,8 @@ fn test_suite() -> Res<ExitCode> {
             "--test-threads=2",
         ]),
     )?;
+    eprintln!("\n=== fuzzing: corpus replay and a short run of every target ===");
+    fuzz::ci_step()?;
     step(
         "benchmark smoke run",
         cargo().args(["run", "--release", "-p", "milk-bench", "--", "--smoke"]),

@@ -84,6 +84,14 @@ impl Commitments {
         Some(v.remove(i))
     }
 
+    /// Whether a RUN of `gtid` is still outstanding on any CPU.
+    pub fn has_run(&self, gtid: Gtid) -> bool {
+        self.per_cpu
+            .iter()
+            .flatten()
+            .any(|c| c.is_run() && c.gtid == gtid)
+    }
+
     /// Outstanding decisions on `cpu`, oldest first.
     pub fn on_cpu(&self, cpu: u16) -> &[Commit] {
         self.per_cpu
@@ -203,8 +211,11 @@ impl<M: GuestMemory> Runtime<M> {
         let gtid = commit.gtid;
         let mut requeue = false;
         let mut dead = false;
+        // A newer RUN of the task (sent after an event made it runnable again) is what its
+        // state waits for now: this one was stale.
+        let superseded = self.commits.has_run(gtid);
         if let Some(t) = self.view.tasks.get_mut(&gtid) {
-            if t.state == TaskState::Dispatched(cpu) {
+            if t.state == TaskState::Dispatched(cpu) && !superseded {
                 t.state = match status {
                     AckStatus::NotRunnable if seq == t.seq => TaskState::Blocked,
                     // The kernel dropped the dispatch; a new event for the task follows.
@@ -275,8 +286,12 @@ impl<M: GuestMemory> Runtime<M> {
         if commit.is_run() {
             self.unpend(cpu, commit.gtid);
             let mut requeue = false;
+            let superseded = self.commits.has_run(commit.gtid);
             if let Some(t) = self.view.tasks.get_mut(&commit.gtid) {
-                if t.state == TaskState::Dispatched(cpu) && t.seq == commit.seq {
+                // Whatever its seq now: an event that bumped it without changing the
+                // task's state (TASK_PRIORITY, TASK_AFFINITY) leaves it waiting for this RUN,
+                // unless a newer RUN of it is outstanding.
+                if t.state == TaskState::Dispatched(cpu) && !superseded {
                     t.state = TaskState::Runnable;
                     requeue = true;
                 }

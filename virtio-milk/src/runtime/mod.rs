@@ -17,6 +17,8 @@ mod fault;
 mod handle;
 mod handover;
 mod inject;
+#[cfg(feature = "invariants")]
+mod invariants;
 mod session;
 mod swap;
 mod tasks;

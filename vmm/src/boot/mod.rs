@@ -86,6 +86,14 @@ pub enum BootError {
     /// The kernel is empty or too short to contain a header.
     #[error("kernel {0} is too short to be an ELF or bzImage")]
     KernelTooShort(String),
+    /// The kernel's image (with its zero-filled part) ends past guest RAM.
+    #[error("kernel {path} needs guest memory up to {end:#x}, past the end of RAM")]
+    KernelTooLarge {
+        /// Path given by the user.
+        path: String,
+        /// First byte past the image.
+        end: u64,
+    },
     /// The initramfs cannot be opened/read.
     #[error("cannot read initramfs {path}: {err}")]
     InitrdIo {
@@ -165,10 +173,28 @@ pub fn load_kernel<M: GuestMemoryBackend>(
         path: p.clone(),
         err,
     };
+    let loaded = load_image(mem, &mut file, format, force_linux64).map_err(fmt_err)?;
+    // linux-loader writes the file-backed bytes only; the zero-filled part of an ELF
+    // segment (p_memsz) must fit in RAM too, or the guest's BSS lies outside its memory.
+    let last = loaded.end.checked_sub(1);
+    if last.is_none_or(|a| !mem.address_in_range(GuestAddress(a))) {
+        return Err(BootError::KernelTooLarge {
+            path: p,
+            end: loaded.end,
+        });
+    }
+    Ok(loaded)
+}
+
+fn load_image<M: GuestMemoryBackend>(
+    mem: &M,
+    file: &mut File,
+    format: KernelFormat,
+    force_linux64: bool,
+) -> Result<LoadedKernel, linux_loader::loader::Error> {
     match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(fmt_err)?;
+            let r = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START)))?;
             let (mode, entry) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) if !force_linux64 => {
                     (EntryMode::Pvh, addr)
@@ -185,8 +211,7 @@ pub fn load_kernel<M: GuestMemoryBackend>(
             })
         }
         KernelFormat::BzImage => {
-            let r = BzImage::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
-                .map_err(fmt_err)?;
+            let r = BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START)))?;
             let init_end = r
                 .setup_header
                 .map(|h| bzimage_init_end(r.kernel_load.0, &h))
@@ -401,6 +426,55 @@ mod tests {
         assert!(initrd_placement(mem, 0x200_0000, free, None).is_ok());
         assert!(initrd_placement(mem, 0x200_0000, free + 1, None).is_err());
         assert!(initrd_placement(mem, 0x200_0000, 0, None).is_err());
+    }
+
+    /// A 64-bit ELF with one PT_LOAD of 16 file bytes at 1 MiB and `memsz` bytes in memory.
+    fn elf_with_memsz(memsz: u64) -> Vec<u8> {
+        let mut e = vec![0u8; 0x90];
+        e[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // e_entry
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        e[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let ph = &mut e[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+        ph[8..16].copy_from_slice(&0x80u64.to_le_bytes()); // p_offset
+        ph[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes()); // p_vaddr
+        ph[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // p_paddr
+        ph[32..40].copy_from_slice(&16u64.to_le_bytes()); // p_filesz
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes()); // p_memsz
+        e
+    }
+
+    /// Fuzz finding (loaders): an ELF whose segment's p_memsz reaches past guest RAM loaded
+    /// "successfully" (linux-loader only writes the file bytes), with the kernel's end far
+    /// outside memory.
+    #[test]
+    fn kernels_larger_than_ram_are_refused() {
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.elf");
+        File::create(&ok)
+            .unwrap()
+            .write_all(&elf_with_memsz(0x1000))
+            .unwrap();
+        let k = load_kernel(&mem, &ok, false).unwrap();
+        assert_eq!(k.end, 0x10_1000);
+        let big = dir.path().join("big.elf");
+        File::create(&big)
+            .unwrap()
+            .write_all(&elf_with_memsz(0x5c5c_5c5c_5c5c))
+            .unwrap();
+        let e = load_kernel(&mem, &big, false).unwrap_err();
+        assert!(
+            matches!(e, BootError::KernelTooLarge { end, .. } if end == 0x10_0000 + 0x5c5c_5c5c_5c5c),
+            "{e}"
+        );
     }
 
     #[test]
