@@ -227,13 +227,10 @@ fn run_steps(steps: &[Script]) -> NestedOutcome {
 /// The shared L1 run of the swap tests: both steps (or why it could not run).
 static RUN: Mutex<Option<Result<NestedOutcome, String>>> = Mutex::new(None);
 
-/// Builds milkctl and milk-policy beside milk-vmm unless they are there (`cargo test -p
-/// milk-vmm` builds neither).
+/// Builds milkctl and milk-policy beside milk-vmm (`cargo test -p milk-vmm` builds
+/// neither, and one left there by an earlier build may be stale; cargo does nothing when
+/// they are up to date).
 fn ensure_tools() {
-    let b = Binaries::beside(real_kvm::BIN);
-    if b.milkctl.is_some() && b.milk_policy.is_some() {
-        return;
-    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
         .args(["build", "-q", "-p", "milk-control", "--bin", "milkctl"])

@@ -49,12 +49,10 @@ pub fn runner() -> Runner {
     Runner::new(mode_for_host(), Binaries::beside(BIN))
 }
 
-/// Builds milkctl (package milk-control) beside milk-vmm unless it is there
-/// (`cargo test --workspace` builds it; `cargo test -p milk-vmm` does not).
+/// Builds milkctl (package milk-control) beside milk-vmm (`cargo test -p
+/// milk-vmm` does not, and one left there may be stale; cargo does nothing
+/// when it is up to date).
 pub fn ensure_milkctl() {
-    if Binaries::beside(BIN).milkctl.is_some() {
-        return;
-    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let st = std::process::Command::new(cargo)
         .args(["build", "-q", "-p", "milk-control", "--bin", "milkctl"])
