@@ -895,6 +895,30 @@ fn reused_pid_with_a_new_generation_is_another_task() {
     assert!(!seen.contains(&PolicyEvent::TaskDead(new)));
 }
 
+/// Fuzz finding (runtime): a late TASK_NEW of an older generation of a pid that a newer
+/// task holds was taken as a pid reuse: it deleted the live task and revived the old gtid,
+/// which could then have two current RUNs out (one from before its removal).
+#[test]
+fn an_older_generations_late_task_new_is_stale() {
+    let (p, seen) = TestPolicy::new("t");
+    let (mut g, mut rt) = setup(Box::new(p));
+    rt.start_session();
+    let old = Gtid::new(4, 1);
+    let new = Gtid::new(4, 2);
+    g.send(0, &[task_new_gtid(old, 1, 1), task_new_gtid(new, 1, 1)]);
+    rt.step();
+    assert!(rt.view().task(old).is_none() && rt.view().task(new).is_some());
+    assert_eq!(rt.metrics().pid_reuse, 1);
+    // The old generation's TASK_NEW again, late: stale, the live task stays.
+    g.send(0, &[task_new_gtid(old, 2, 1)]);
+    rt.step();
+    assert!(rt.view().task(new).is_some(), "the live task was deleted");
+    assert!(rt.view().task(old).is_none(), "the old gtid was revived");
+    assert_eq!(rt.metrics().pid_reuse, 1);
+    assert_eq!(rt.metrics().stale_events, 1);
+    assert!(!seen.lock().unwrap().contains(&PolicyEvent::TaskDead(new)));
+}
+
 /// Fuzz finding (runtime): a RUN given up after `ack_timeout` left its task `Dispatched`
 /// for good when an event that does not change the task's state (here TASK_PRIORITY) had
 /// bumped its seq meanwhile: no RUN outstanding, and the policy never saw it runnable again.

@@ -17,6 +17,14 @@ impl<M: GuestMemory> Runtime<M> {
             }
         }
         if let Some(&old) = self.pids.get(&t.gtid.pid()) {
+            if old.generation() > t.gtid.generation() {
+                // An older generation of a pid a newer task holds: that task was
+                // created after it, so this record is late (or hostile). Accepting it as a
+                // pid reuse would delete the live task and revive a gtid whose RUNs may
+                // still be out (found by the runtime fuzz target).
+                self.metrics.stale_events += 1;
+                return;
+            }
             if old != t.gtid {
                 // The pid was freed and reused: the old task is gone even if its
                 // TASK_DEAD is still on its way (it will find nothing to delete).
